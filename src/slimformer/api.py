@@ -1,0 +1,247 @@
+"""The public functions: compress, evaluate, compare. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimformer.core.runner import RunResult, run_transforms
+from slimformer.core.transform import Needs
+from slimformer.data import calibration_samples, eval_windows, load_text, tokenize
+from slimformer.errors import DataError
+from slimformer.eval import cost
+from slimformer.eval.perplexity import perplexity
+from slimformer.export.atomic import atomic_directory, check_output_dir
+from slimformer.export.compressed import library_versions, save_compressed, weight_bytes
+from slimformer.models.adapters import adapter_for
+from slimformer.models.load import load
+from slimformer.recipes import Recipe, load_recipe
+
+DEFAULT_COMPARE_RECIPES = ("rtn-w8", "rtn-w4-g64", "rtn-w4-g32", "rtn-w3-g64")
+
+
+def _model_and_tokenizer(model, source_name: str | None = None):
+    """``(model, tokenizer, name)`` from a source or a ``(model, tokenizer)`` pair."""
+    if isinstance(model, (tuple, list)):
+        return model[0], model[1], source_name or getattr(model[0], "name_or_path", "model")
+    loaded, tokenizer = load(model)
+    return loaded, tokenizer, source_name or str(model)
+
+
+def _recipe(recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    tokenizer: object
+    recipe: Recipe
+    run: RunResult
+    out: Path | None = None
+    stored_bytes: int | None = None
+    calibration: dict | None = field(default=None)
+
+
+def calibration_data(tokenizer, calib: str, samples: int, seqlen: int, seed: int | None) -> tuple[torch.Tensor, dict]:
+    source = load_text(calib, role="calib")
+    ids = calibration_samples(tokenize(source, tokenizer), samples, seqlen, seed)
+    return ids, {**source.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
+
+
+def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples: int = 128,
+             seqlen: int = 512, calib_seed: int | None = None, overwrite: bool = False,
+             progress: bool = True, inplace: bool = False, source_name: str | None = None) -> CompressResult:
+    """Apply ``recipe`` (built-in name, YAML path or Recipe) to ``model`` (a source for
+    :func:`slimformer.load` or a ``(model, tokenizer)`` pair); write ``out`` if given."""
+    recipe = _recipe(recipe)
+    if out is not None:
+        check_output_dir(Path(out), overwrite)   # fail before the slow part
+    base, tokenizer, source = _model_and_tokenizer(model, source_name)
+    adapter_for(base)
+    target = base if inplace or not isinstance(model, (tuple, list)) else copy.deepcopy(base)
+    needs_data = any(stage.requires() is Needs.CALIBRATION for stage in recipe.stages)
+    calib_ids, calib_meta = None, None
+    if needs_data:
+        if calib is None:
+            raise DataError(f"recipe {recipe.name} needs calibration data: pass --calib DATA")
+        calib_ids, calib_meta = calibration_data(tokenizer, calib, calib_samples, seqlen, calib_seed)
+    run = run_transforms(target, recipe.stages, calib_ids, progress=progress)
+    result = CompressResult(target, tokenizer, recipe, run, calibration=calib_meta)
+    if out is not None:
+        extra = {"calibration": calib_meta, "fallbacks": run.fallbacks, "compress_seconds": run.seconds}
+        result.out = save_compressed(target, tokenizer, out, recipe_text=recipe.text or recipe.name,
+                                     source=source, extra=extra, overwrite=overwrite)
+        result.stored_bytes = weight_bytes(result.out)
+    return result
+
+
+def _check_decoder(model, what: str) -> None:
+    if not adapter_for(model).is_decoder:
+        raise DataError(f"{what} needs a decoder language model; this model is an encoder")
+
+
+def evaluate(model, data: str | None = "pydoc", *, seqlen: int = 512, windows: int | None = None,
+             stride: int | None = None, tasks=(), task_data=None, limit: int | None = None,
+             reference=None, speed: bool = False, progress: bool = True, source_name: str | None = None) -> dict:
+    """Quality and cost of one model. Decoders: perplexity on ``data`` (and agreement
+    with ``reference``); encoders: embedding cosine to ``reference``; plus tasks."""
+    loaded, tokenizer, source = _model_and_tokenizer(model, source_name)
+    ref = _model_and_tokenizer(reference)[0] if reference is not None else None
+    adapter = adapter_for(loaded)
+    result: dict = {"model": source}
+    if data is not None:
+        text = load_text(data, role="eval")
+        result["data"] = text.describe()
+        if adapter.is_decoder:
+            wins = eval_windows(tokenize(text, tokenizer), seqlen, windows, stride)
+            result.update(perplexity(loaded, wins, reference=ref, progress=progress))
+            result.update(seqlen=seqlen, windows=len(wins))
+        else:
+            result["perplexity"] = None
+            if ref is not None:
+                from slimformer.eval.embeddings import embedding_cosine, encode
+
+                sentences = sentences_from(text.text)
+                result["embedding_cosine"] = embedding_cosine(encode(ref, tokenizer, sentences),
+                                                              encode(loaded, tokenizer, sentences))
+    if tasks:
+        result["tasks"] = evaluate_task_list(loaded, tokenizer, tasks, task_data, limit, progress)
+    result["stored_bytes"] = _stored_bytes(loaded, source)
+    if speed:
+        result.update(cost.measure_speed(loaded, decode=adapter.is_decoder))
+    result["peak_rss_bytes"] = cost.peak_rss_bytes()
+    return result
+
+
+def _stored_bytes(model, source: str) -> int:
+    """Bytes of the files the model was loaded from; in-memory size if it has none."""
+    if getattr(model, "slimformer_meta", None):
+        return weight_bytes(source)
+    return cost.source_bytes(source) or cost.in_memory_bytes(model)
+
+
+def evaluate_task_list(model, tokenizer, tasks, task_data, limit, progress) -> dict:
+    from slimformer.eval.tasks import evaluate_tasks
+
+    task_dir = resolve_task_data(task_data)
+    tasks = list(tasks)
+    out = {}
+    if "stsb" in tasks:
+        from slimformer.eval.embeddings import stsb_spearman
+
+        tasks.remove("stsb")
+        out["stsb"] = stsb_spearman(model, tokenizer, task_dir, limit=limit)
+    if tasks:
+        _check_decoder(model, f"tasks {', '.join(tasks)}")
+        out.update(evaluate_tasks(model, tokenizer, tasks, task_dir, limit=limit, progress=progress))
+    return out
+
+
+def resolve_task_data(task_data) -> Path:
+    """Where task files live: the argument, else $SLIMFORMER_TASK_DATA."""
+    value = task_data or os.environ.get("SLIMFORMER_TASK_DATA")
+    if not value:
+        raise DataError("tasks need their data files: pass --task-data DIR (laid out like lambada_openai/, hellaswag/, ...) or set SLIMFORMER_TASK_DATA")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"task data directory not found: {path}")
+    return path
+
+
+def sentences_from(text: str, n: int = 256) -> list[str]:
+    """Held-out sentences for encoder fidelity: the first ``n`` lines of 5–60 words."""
+    lines = [line.strip() for line in text.splitlines()]
+    picked = [line for line in lines if 5 <= len(line.split()) <= 60][:n]
+    if not picked:
+        raise DataError("data holds no lines of 5–60 words to embed")
+    return picked
+
+
+def run_meta(source: str, data: dict, seqlen: int, windows: int, argv=None) -> dict:
+    return {
+        "model": source,
+        "data": data,
+        "seqlen": seqlen,
+        "windows": windows,
+        "versions": library_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(argv or sys.argv),
+        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()},
+    }
+
+
+def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=None, *,
+            calib: str | None = None, calib_samples: int = 128, seqlen: int = 512, windows: int | None = 20,
+            tasks=(), task_data=None, limit: int | None = None, speed: bool = True,
+            new_tokens: int = 32, overwrite: bool = False, save_models: bool = False,
+            progress: bool = True, source_name: str | None = None) -> list[dict]:
+    """Measure the uncompressed model and one variant per recipe on the same data;
+    write ``report.{html,md,json}`` to ``out``."""
+    from slimformer.report import write_report
+
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    recipes = [_recipe(r) for r in recipes]
+    base, tokenizer, source = _model_and_tokenizer(model, source_name)
+    _check_decoder(base, "compare")
+    text = load_text(data, role="eval")
+    wins = eval_windows(tokenize(text, tokenizer), seqlen, windows)
+    calib = calib or (data if data in ("pydoc", "wikitext2") else None)
+
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slimformer-compare-") as scratch, \
+            _output_dir(out, overwrite) as out_tmp:
+        say(f"[fp32] measuring {source}")
+        row = {"name": "fp32", "recipe": None, **perplexity(base, wins, progress=progress, desc="fp32")}
+        row["stored_bytes"] = cost.in_memory_bytes(base)
+        if speed:
+            row.update(_speed(source, new_tokens))
+        if tasks:
+            row["tasks"] = evaluate_task_list(base, tokenizer, tasks, task_data, limit, progress)
+        rows.append(row)
+        for recipe in recipes:
+            say(f"[{recipe.name}] compressing")
+            model_dir = (out_tmp / "models" / recipe.name) if save_models and out_tmp else Path(scratch) / recipe.name
+            result = compress((base, tokenizer), recipe, model_dir, calib=calib, calib_samples=calib_samples,
+                              seqlen=seqlen, overwrite=True, progress=progress, source_name=source)
+            say(f"[{recipe.name}] measuring")
+            row = {"name": recipe.name, "recipe": recipe.text, "compress_seconds": result.run.seconds,
+                   "fallbacks": result.run.fallbacks,
+                   **perplexity(result.model, wins, reference=base, progress=progress, desc=recipe.name)}
+            row["stored_bytes"] = result.stored_bytes
+            if speed:
+                row.update(_speed(str(model_dir), new_tokens))
+            if tasks:
+                row["tasks"] = evaluate_task_list(result.model, tokenizer, tasks, task_data, limit, progress)
+            rows.append(row)
+            del result
+        if out_tmp is not None:
+            write_report(rows, out_tmp, run_meta(source, text.describe(), seqlen, len(wins)))
+    return rows
+
+
+@contextlib.contextmanager
+def _output_dir(out, overwrite: bool):
+    """The whole output directory appears at once, or not at all."""
+    if out is None:
+        yield None
+        return
+    with atomic_directory(out, overwrite) as tmp:
+        yield tmp
+
+
+def _speed(source: str, new_tokens: int) -> dict:
+    measured = cost.measure_in_subprocess(source, new_tokens=new_tokens, threads=torch.get_num_threads())
+    keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_ms", "peak_rss_bytes")
+    return {k: measured.get(k) for k in keep}

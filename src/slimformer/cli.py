@@ -1,0 +1,195 @@
+"""Command line: parse → call api.py → one-line error on a user mistake."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slimformer.errors import SlimformerError
+
+TASK_CHOICES = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "stsb")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_CHOICES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task '{unknown[0]}' (choose from {', '.join(TASK_CHOICES)})")
+    return tasks
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimformer", description="Make transformer models cheaper to run, and measure the trade-off.")
+    parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_arg(p, help_text="built-in name (smollm2-135m, minilm-l6), HF id or directory, .gguf file, or a compressed directory"):
+        p.add_argument("model", metavar="MODEL", help=help_text)
+        p.add_argument("--trust-pickle", action="store_true", help="allow pickle-only checkpoints (runs code from the file)")
+
+    p = sub.add_parser("compress", help="apply a recipe and write the compressed model")
+    model_arg(p)
+    p.add_argument("--recipe", required=True, help="built-in recipe name (see `slimformer recipes`) or a YAML file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--calib", help="calibration DATA: pydoc, wikitext2, or a path (for recipes that need it)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calib-seed", type=int, help="sample calibration windows at random with this seed (default: the first ones in order)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("eval", help="measure quality and cost of one model")
+    model_arg(p)
+    p.add_argument("--data", default="pydoc", help="DATA: pydoc, wikitext2, or a text/JSONL file or directory (default pydoc)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--windows", type=_positive_int, help="number of windows (default: all)")
+    p.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: non-overlapping)")
+    p.add_argument("--tasks", type=_task_list, default=[], help=f"comma-separated: {','.join(TASK_CHOICES)}")
+    p.add_argument("--task-data", help="directory of task files (default $SLIMFORMER_TASK_DATA)")
+    p.add_argument("--limit", type=_positive_int, help="first N examples of each task")
+    p.add_argument("--reference", help="model to measure agreement (KL, top-1) or embedding cosine against")
+    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+
+    p = sub.add_parser("compare", help="measure the model and one variant per recipe; write an HTML/Markdown/JSON report")
+    model_arg(p)
+    p.add_argument("--recipes", type=_names, default=None, help="comma-separated recipes (default: rtn-w8,rtn-w4-g64,rtn-w4-g32,rtn-w3-g64)")
+    p.add_argument("--data", default="pydoc", help="evaluation DATA (default pydoc)")
+    p.add_argument("--calib", help="calibration DATA (default: the calibration half of a built-in DATA)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--windows", type=_positive_int, default=20, help="evaluation windows (default 20)")
+    p.add_argument("--tasks", type=_task_list, default=[])
+    p.add_argument("--task-data")
+    p.add_argument("--limit", type=_positive_int)
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="decode tokens timed per run (default 32)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
+    p.add_argument("--save-models", action="store_true", help="keep each compressed model under OUT/models/")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("inspect", help="describe a model: family, sizes, outliers, memory plan")
+    model_arg(p)
+    p.add_argument("--outliers", action="store_true", help="per-layer activation outlier statistics on calibration data")
+    p.add_argument("--calib", default="pydoc", help="DATA for --outliers (default pydoc)")
+    p.add_argument("--calib-samples", type=_positive_int, default=8)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--kv-plan", action="store_true", help="weights + KV-cache memory for --batch and --context")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--context", type=_positive_int, default=2048)
+    p.add_argument("--kv-bytes", type=float, default=2, help="bytes per cached key/value element (default 2)")
+    p.add_argument("--json", dest="json_path")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+
+    p = sub.add_parser("study-w8a8", help="W8A32 vs W32A8 vs W8A8: how much activation quantisation hurts")
+    model_arg(p)
+    p.add_argument("--data", default="pydoc")
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--windows", type=_positive_int, default=8)
+    p.add_argument("--json", dest="json_path")
+    return parser
+
+
+def _write_json(path: str | None, payload) -> None:
+    if path:
+        from slimformer.export.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _fmt_bytes(n) -> str:
+    return "—" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def run(args) -> int:
+    import torch
+
+    from slimformer import api
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    if args.command == "recipes":
+        from slimformer.recipes import builtin_recipes, load_recipe
+
+        for name in builtin_recipes():
+            print(f"{name:18s} {load_recipe(name).description}")
+        return 0
+    if args.command in ("eval", "compare", "compress", "inspect", "study-w8a8"):
+        from slimformer.models.load import load
+
+        model = load(args.model, trust_pickle=args.trust_pickle)
+        source = (model[0], model[1])
+    if args.command == "compress":
+        result = api.compress(source, args.recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
+                              seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,
+                              progress=progress, inplace=True, source_name=args.model)
+        print(f"wrote {result.out} ({_fmt_bytes(result.stored_bytes)}, {result.run.seconds:.1f} s)")
+        for line in result.run.fallbacks:
+            print(f"fallback: {line}")
+    elif args.command == "eval":
+        reference = None
+        if args.reference:
+            from slimformer.models.load import load
+
+            reference = load(args.reference)
+        result = api.evaluate(source, args.data, seqlen=args.seqlen, windows=args.windows, stride=args.stride,
+                              tasks=args.tasks, task_data=args.task_data, limit=args.limit,
+                              reference=reference, speed=args.speed, progress=progress, source_name=args.model)
+        _write_json(args.json_path, result)
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "compare":
+        recipes = args.recipes or list(api.DEFAULT_COMPARE_RECIPES)
+        rows = api.compare(source, recipes, args.data, args.out, calib=args.calib, calib_samples=args.calib_samples,
+                           seqlen=args.seqlen, windows=args.windows, tasks=args.tasks, task_data=args.task_data,
+                           limit=args.limit, speed=not args.no_speed, new_tokens=args.new_tokens,
+                           overwrite=args.overwrite, save_models=args.save_models, progress=progress,
+                           source_name=args.model)
+        for row in rows:
+            ppl = row.get("perplexity")
+            print(f"{row['name']:18s} ppl {ppl:8.3f}  {_fmt_bytes(row.get('stored_bytes'))}")
+        print(f"report: {args.out}/report.html")
+    elif args.command == "inspect":
+        from slimformer.eval.inspect import inspect_model
+
+        result = inspect_model(source[0], source[1], args)
+        _write_json(args.json_path, result)
+    elif args.command == "study-w8a8":
+        from slimformer.quant.study import study_w8a8
+
+        result = study_w8a8(source[0], source[1], args.data, args.seqlen, args.windows, progress)
+        _write_json(args.json_path, result)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except SlimformerError as exc:
+        print(f"slimformer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("slimformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

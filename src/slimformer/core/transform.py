@@ -1,0 +1,171 @@
+"""The Transform: one configuration dataclass per technique, registered by name.
+
+A recipe is a list of Transforms. The runner (``core/runner.py``) calls, per block:
+``prepare`` (attach observers, masks, ...), one shared calibration pass when any
+Transform of the stage ``needs`` it, then ``convert`` (fold, quantise, swap modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from slimformer.errors import RecipeError
+from slimformer.models.adapters import Adapter
+
+
+class Needs(enum.Enum):
+    NONE = "none"
+    CALIBRATION = "calibration"
+    TRAINING = "training"
+
+
+@dataclass
+class BlockContext:
+    """What a Transform sees while processing one block."""
+
+    model: nn.Module
+    adapter: Adapter
+    index: int                      # block number
+    prefix: str                     # dotted path of the block from the model root
+    state: dict = field(default_factory=dict)     # per-transform scratch, keyed by the transform
+    fallbacks: list = field(default_factory=list)  # layers not processed as asked, with reasons
+
+    def fallback(self, layer: str, reason: str) -> None:
+        self.fallbacks.append(f"{self.prefix}.{layer}: {reason}")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which projections of each block a Transform touches: regular expressions
+    matched (``re.fullmatch``) against the projection's path inside its block, e.g.
+    ``self_attn.q_proj``; ``ignore`` wins over ``include``; ``blocks`` limits block indices."""
+
+    include: tuple[str, ...] = (".*",)
+    ignore: tuple[str, ...] = ()
+    blocks: tuple[int, ...] | None = None
+
+    def select(self, names: typing.Iterable[str], block_index: int) -> list[str]:
+        if self.blocks is not None and block_index not in self.blocks:
+            return []
+        return [
+            n for n in names
+            if any(re.fullmatch(p, n) for p in self.include) and not any(re.fullmatch(p, n) for p in self.ignore)
+        ]
+
+    @classmethod
+    def parse(cls, value: Any) -> "Targets":
+        if isinstance(value, Targets):
+            return value
+        if isinstance(value, str):
+            return cls(include=(value,))
+        if isinstance(value, list):
+            return cls(include=tuple(value))
+        if isinstance(value, dict):
+            unknown = set(value) - {"include", "ignore", "blocks"}
+            if unknown:
+                raise RecipeError(f"unknown key '{sorted(unknown)[0]}' in targets")
+            to_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,)  # noqa: E731
+            return cls(
+                include=to_tuple(value.get("include", ".*")),
+                ignore=to_tuple(value.get("ignore", ())),
+                blocks=None if value.get("blocks") is None else tuple(int(b) for b in to_tuple(value["blocks"])),
+            )
+        raise RecipeError(f"targets must be a pattern, a list of patterns or a mapping, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Base class. Subclasses are frozen dataclasses decorated with ``@register``."""
+
+    targets: Targets = Targets()
+    needs: ClassVar[Needs] = Needs.NONE
+
+    def requires(self) -> Needs:
+        """What this configuration needs (a technique may need data only for some settings)."""
+        return self.needs
+
+    def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
+        """Optional: attach observers before the calibration pass over this block."""
+
+    def convert(self, block: nn.Module, ctx: BlockContext) -> None:
+        """Required: change the block (fold, quantise, swap modules)."""
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, adapter: Adapter) -> None:
+        """Optional: model-level work after all blocks (e.g. the LM head)."""
+
+    def target_linears(self, block: nn.Module, ctx: BlockContext) -> dict[str, nn.Module]:
+        names = self.targets.select(ctx.adapter.linears, ctx.index)
+        return {n: block.get_submodule(n) for n in names}
+
+
+_REGISTRY: dict[str, type[Transform]] = {}
+
+
+def register(cls: type[Transform]) -> type[Transform]:
+    """Register a Transform under its class name (the recipe key)."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Transform]]:
+    return dict(_REGISTRY)
+
+
+def build_transform(name: str, args: dict | None) -> Transform:
+    """A Transform from a recipe stage; every error names the key."""
+    import slimformer.quant  # noqa: F401  (registers the quantisation techniques)
+
+    if name not in _REGISTRY:
+        raise RecipeError(f"unknown technique '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    cls = _REGISTRY[name]
+    args = dict(args or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in args:
+        if key not in fields:
+            raise RecipeError(f"{name}: unknown argument '{key}' (accepted: {', '.join(fields)})")
+    if "targets" in args:
+        args["targets"] = Targets.parse(args["targets"])
+    for key, value in args.items():
+        if key != "targets":
+            _check_type(name, key, value, hints.get(key))
+    try:
+        return cls(**args)
+    except RecipeError:
+        raise
+    except Exception as exc:  # __post_init__ validation
+        raise RecipeError(f"{name}: {exc}") from None
+
+
+def _check_type(technique: str, key: str, value: Any, hint) -> None:
+    if hint is None:
+        return
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    ok = False
+    for option in allowed:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            ok = True
+        elif base is typing.Literal and value in typing.get_args(option):
+            ok = True
+        elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = True
+        elif base is int and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        elif isinstance(base, type) and base not in (float, int) and isinstance(value, base):
+            ok = True
+    if not ok:
+        raise RecipeError(f"{technique}: argument '{key}' has bad value {value!r} (expected {_hint_name(hint)})")
+
+
+def _hint_name(hint) -> str:
+    return str(hint).replace("typing.", "")

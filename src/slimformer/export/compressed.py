@@ -1,0 +1,89 @@
+"""The compressed-model directory: HF config + tokenizer, ``model.safetensors`` with
+packed weights, and ``slimformer.json`` naming each swapped module, the recipe
+verbatim, library versions and the calibration data fingerprint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from slimformer.errors import ModelLoadError
+from slimformer.export.atomic import atomic_directory
+from slimformer.models.load import COMPRESSED_MARKER, _first_line, _model_class, read_compressed_config
+from slimformer.models.surgery import set_module
+from slimformer.quant.modules import QuantLinear
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+# Module types a compressed directory can hold; later techniques register theirs here.
+MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear}
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    from slimformer import __version__
+
+    return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def swapped_modules(model: nn.Module) -> dict[str, dict]:
+    return {name: m.config() for name, m in model.named_modules() if type(m).__name__ in MODULE_TYPES}
+
+
+def save_compressed(model, tokenizer, out: str | os.PathLike, *, recipe_text: str | None = None,
+                    source: str | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the model to ``out`` atomically. Returns the path."""
+    out = Path(out)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "recipe": recipe_text,
+        "versions": library_versions(),
+        "modules": swapped_modules(model),
+        **(extra or {}),
+    }
+    with atomic_directory(out, overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # save_model drops tensors shared with another (tied embeddings) and restores them on load.
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        (tmp / COMPRESSED_MARKER).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def weight_bytes(path: str | os.PathLike) -> int:
+    """Real stored bytes of a compressed directory's weights (file size, header included)."""
+    return (Path(path) / WEIGHTS_FILE).stat().st_size
+
+
+def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoConfig, AutoTokenizer
+
+    meta = read_compressed_config(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: unsupported slimformer format {meta.get('format_version')!r}")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        model = _model_class(config).from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot rebuild model from {path}: {_first_line(exc)}") from None
+    for name, cfg in meta["modules"].items():
+        cls = MODULE_TYPES.get(cfg.get("type"))
+        if cls is None:
+            raise ModelLoadError(f"{path}: unknown module type {cfg.get('type')!r} at {name}")
+        set_module(model, name, cls.from_config(cfg, dtype))
+    try:
+        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load weights from {path}: {_first_line(exc)}") from None
+    model.slimformer_meta = meta
+    return model, tokenizer

@@ -1,0 +1,3 @@
+from slimformer.models.load import load
+
+__all__ = ["load"]

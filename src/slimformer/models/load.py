@@ -1,0 +1,154 @@
+"""``slimformer.load``: any supported source → (model, tokenizer) on CPU.
+
+Sources, tried in this order: a built-in name, a directory written by
+``slimformer compress``, a ``.gguf`` file, a local Hugging Face directory, a hub id.
+Weights are read with safetensors or GGUF only; pickle checkpoints are refused
+unless the caller opts in (``trust_pickle=True``), and then read with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from slimformer.errors import ModelLoadError, UnsafeCheckpointError, UnsupportedArchitectureError
+from slimformer.models.adapters import adapter_for
+from slimformer.models.builtin import BUILTINS, builtin_path
+
+COMPRESSED_MARKER = "slimformer.json"
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}' (choose from {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def _model_class(config):
+    """Decoders load with their LM head; encoders as the bare encoder (embeddings)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if adapter_for(config).is_decoder else AutoModel
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load(source: str | os.PathLike, dtype="float32", trust_pickle: bool = False):
+    """Load a model and its tokenizer on CPU. Returns ``(model, tokenizer)`` in eval mode.
+
+    ``source``: ``smollm2-135m`` / ``minilm-l6`` (built-in), a ``slimformer compress``
+    output directory, a ``.gguf`` file, a local HF directory, or a hub id.
+    """
+    _quiet_transformers()
+    torch_dtype = resolve_dtype(dtype)
+    name = str(source)
+    path = builtin_path(name) if name in BUILTINS else Path(name).expanduser()
+
+    if path.is_dir() and (path / COMPRESSED_MARKER).exists():
+        from slimformer.export.compressed import load_compressed
+
+        model, tokenizer = load_compressed(path, torch_dtype)
+    elif path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        model, tokenizer = _load_gguf(path, torch_dtype)
+    elif path.is_dir():
+        model, tokenizer = _load_hf(str(path), torch_dtype, trust_pickle, local=True)
+    elif path.exists():
+        raise ModelLoadError(f"{path} is a file but not a GGUF model; pass a model directory or a .gguf file")
+    elif _looks_like_hub_id(name):
+        model, tokenizer = _load_hf(name, torch_dtype, trust_pickle, local=False)
+    else:
+        raise ModelLoadError(f"model not found: {name}")
+    model.eval()
+    return model, tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """GGUF through transformers (which uses the gguf package): tensors are
+    dequantised to ``dtype``; the runtime may later run the quantised blocks directly."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not path.exists():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    if not _is_gguf(path):
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic number)")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # corrupt header, unknown GGUF architecture
+        raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
+    cls = _model_class(config)
+    try:
+        model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _load_hf(name: str, dtype: torch.dtype, trust_pickle: bool, local: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if local:
+        path = Path(name)
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+        has_safetensors = any(path.glob("*.safetensors"))
+        if not has_safetensors and any((path / f).exists() for f in _PICKLE_FILES):
+            if not trust_pickle:
+                raise UnsafeCheckpointError(
+                    f"{path} holds only pickle weights (pytorch_model.bin); pickle can run code. "
+                    "Convert to safetensors, or pass --trust-pickle if you trust its source"
+                )
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read model config of {name}: {_first_line(exc)}") from None
+    cls = _model_class(config)  # raises UnsupportedArchitectureError first
+    kwargs = {"dtype": dtype}
+    if not trust_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except UnsupportedArchitectureError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {name}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_compressed_config(path: Path) -> dict:
+    try:
+        return json.loads((path / COMPRESSED_MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {_first_line(exc)}") from None

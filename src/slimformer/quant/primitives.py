@@ -1,0 +1,102 @@
+"""The one home of quantisation arithmetic: choose parameters, quantise, dequantise.
+
+Weights are ``[out, in]``. Scales/zero-points have shape ``[out, n_groups]``
+(per-channel: one group spanning all columns; per-tensor: a ``[1, 1]`` broadcast).
+Asymmetric quantisation uses an integer zero-point, like GGUF's Q4_1 family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimformer.errors import QuantConfigError
+from slimformer.quant.spec import ActSpec, WeightSpec
+
+_EPS = 1e-12
+
+
+def group_view(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """``[out, in]`` → ``[out, n_groups, group]`` (or ``[1, 1, out*in]`` per tensor)."""
+    out_features, in_features = weight.shape
+    if spec.granularity == "tensor":
+        return weight.reshape(1, 1, -1)
+    if spec.granularity == "channel":
+        return weight.reshape(out_features, 1, in_features)
+    if in_features % spec.group_size:
+        raise QuantConfigError(
+            f"group_size {spec.group_size} does not divide the layer's {in_features} input columns"
+        )
+    return weight.reshape(out_features, in_features // spec.group_size, spec.group_size)
+
+
+def choose_qparams(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and integer zero-point over the last dimension."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        absmax = grouped.abs().amax(dim=-1)
+        scale = (absmax / qmax).clamp_min(_EPS)
+        zero = torch.zeros_like(scale)
+    else:
+        qmax = 2**bits - 1
+        lo = grouped.amin(dim=-1).clamp_max(0)  # the grid always holds 0 exactly
+        hi = grouped.amax(dim=-1).clamp_min(0)
+        scale = ((hi - lo) / qmax).clamp_min(_EPS)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_weight(
+    weight: torch.Tensor, spec: WeightSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest. Returns (codes ``[out, in]`` as uint8 in ``0..2^bits-1``,
+    scale ``[out|1, groups]``, zero ``[out|1, groups]``) — codes are stored unsigned;
+    symmetric codes are offset by ``2^(bits-1)``."""
+    w = weight.detach().float()
+    grouped = group_view(w, spec)
+    scale, zero = choose_qparams(grouped, spec.bits, spec.symmetric)
+    q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    q = q.clamp(spec.qmin, spec.qmax) if spec.symmetric else q.clamp(0, spec.qmax)
+    offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+    codes = (q + offset).to(torch.uint8).reshape(weight.shape)
+    return codes, scale, zero
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec, shape: torch.Size
+) -> torch.Tensor:
+    offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+    q = codes.reshape(shape).to(torch.float32) - offset
+    grouped = group_view(q, spec)
+    return ((grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(shape)
+
+
+def fake_quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Quantise and dequantise (same dtype as the input)."""
+    codes, scale, zero = quantize_weight(weight, spec)
+    return dequantize_weight(codes, scale, zero, spec, weight.shape).to(weight.dtype)
+
+
+def activation_scale(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic parameters for activations ``[..., features]``: per token (last dim
+    reduced) or per tensor."""
+    flat = x.detach().float()
+    grouped = flat.reshape(1, -1) if spec.granularity == "tensor" else flat.reshape(-1, flat.shape[-1])
+    scale, zero = choose_qparams(grouped, spec.bits, spec.symmetric)
+    if spec.granularity == "tensor":
+        return scale.reshape(()), zero.reshape(())
+    return scale.reshape(*x.shape[:-1], 1), zero.reshape(*x.shape[:-1], 1)
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, spec: ActSpec, static_scale: torch.Tensor | None = None,
+    static_zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantise-dequantise activations; static parameters when given, else dynamic."""
+    if static_scale is not None:
+        scale = static_scale
+        zero = static_zero if static_zero is not None else torch.zeros_like(static_scale)
+    else:
+        scale, zero = activation_scale(x, spec)
+    lo, hi = (spec.qmin, spec.qmax)
+    q = (torch.round(x.float() / scale) + zero).clamp(lo, hi)
+    return ((q - zero) * scale).to(x.dtype)

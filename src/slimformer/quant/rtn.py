@@ -1,0 +1,87 @@
+"""RTN: round every weight to the nearest grid point; optionally quantise the
+Linear inputs too (dynamic per token / per tensor, or static from calibration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from slimformer.core.transform import BlockContext, Needs, Transform, register
+from slimformer.errors import QuantConfigError
+from slimformer.models.surgery import linear_weight, set_module
+from slimformer.quant.modules import QuantLinear
+from slimformer.quant.spec import ActSpec, WeightSpec
+
+
+@register
+@dataclass(frozen=True)
+class RTN(Transform):
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int | None = None
+    act_bits: int | None = None            # None: weight-only
+    act_granularity: Literal["tensor", "token"] = "token"
+    act_dynamic: bool = True
+    act_symmetric: bool = True
+
+    def __post_init__(self):
+        self.weight_spec()   # validate early: bits range, group settings
+        self.act_spec()
+
+    def weight_spec(self) -> WeightSpec:
+        return WeightSpec(self.bits, self.symmetric, self.granularity, self.group_size)
+
+    def act_spec(self) -> ActSpec | None:
+        if self.act_bits is None:
+            return None
+        return ActSpec(self.act_bits, self.act_symmetric, self.act_granularity, self.act_dynamic)
+
+    def requires(self) -> Needs:
+        static = self.act_bits is not None and not self.act_dynamic
+        return Needs.CALIBRATION if static else Needs.NONE
+
+    def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
+        """Observe the min/max of each target Linear's input for static activation scales."""
+        ranges: dict[str, list[float]] = {}
+        handles = []
+        for name, module in self.target_linears(block, ctx).items():
+            ranges[name] = [0.0, 0.0]
+
+            def observe(_module, args, name=name):
+                x = args[0].detach()
+                ranges[name][0] = min(ranges[name][0], x.min().item())
+                ranges[name][1] = max(ranges[name][1], x.max().item())
+
+            handles.append(module.register_forward_pre_hook(observe))
+        ctx.state["ranges"], ctx.state["handles"] = ranges, handles
+
+    def convert(self, block: nn.Module, ctx: BlockContext) -> None:
+        for handle in ctx.state.pop("handles", []):
+            handle.remove()
+        ranges = ctx.state.pop("ranges", {})
+        wspec, aspec = self.weight_spec(), self.act_spec()
+        for name, module in self.target_linears(block, ctx).items():
+            weight = linear_weight(module)
+            try:
+                qlinear = QuantLinear.from_float(weight, module.bias, wspec, aspec)
+            except QuantConfigError as exc:
+                raise QuantConfigError(f"{ctx.prefix}.{name}: {exc}") from None
+            if aspec is not None and not aspec.dynamic:
+                lo, hi = ranges[name]
+                qlinear.act_scale, qlinear.act_zero = static_act_params(lo, hi, aspec)
+            set_module(block, name, qlinear)
+
+
+def static_act_params(lo: float, hi: float, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scale and zero-point covering the observed range [lo, hi]."""
+    from slimformer.quant.primitives import choose_qparams
+
+    observed = torch.tensor([[min(lo, 0.0), max(hi, 0.0)]])
+    if spec.symmetric:
+        observed = observed.abs()
+    scale, zero = choose_qparams(observed, spec.bits, spec.symmetric)
+    return scale.reshape(()), zero.reshape(())
