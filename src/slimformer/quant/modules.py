@@ -79,9 +79,8 @@ class QuantLinear(nn.Module):
         return packing.unpack(self.qweight, self.weight_spec.bits, numel).reshape(self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        zero = self.zero if self.zero.numel() else torch.zeros_like(self.scale)
         shape = torch.Size((self.out_features, self.in_features))
-        return dequantize_weight(self.codes(), self.scale, zero, self.weight_spec, shape).to(self.compute_dtype)
+        return dequantize_weight(self.codes(), self.scale, self.zero, self.weight_spec, shape).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_spec is not None:

@@ -62,12 +62,17 @@ def quantize_weight(
 
 
 def dequantize_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec, shape: torch.Size
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightSpec, shape: torch.Size
 ) -> torch.Tensor:
+    """``(codes − offset − zero) × scale``, in place on one float buffer (this runs in
+    every forward of the reference QuantLinear, so fewer passes matter)."""
     offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
-    q = codes.reshape(shape).to(torch.float32) - offset
-    grouped = group_view(q, spec)
-    return ((grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(shape)
+    q = group_view(codes.reshape(shape).to(torch.float32), spec)
+    if zero is not None and zero.numel():
+        q.sub_(zero.unsqueeze(-1) + offset)
+    elif offset:
+        q.sub_(offset)
+    return q.mul_(scale.unsqueeze(-1)).reshape(shape)
 
 
 def fake_quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
