@@ -78,13 +78,19 @@ def _read_file(path: Path) -> str:
 
 def _pydoc(role: Role) -> TextSource:
     """CPython's ``pydoc_data.topics``: topics sorted by name; even-numbered ones
-    calibrate, odd-numbered ones evaluate, so the halves never overlap."""
+    calibrate, odd-numbered ones evaluate. Several topics repeat whole paragraphs
+    of others, so each paragraph is kept only where it first appears: the halves
+    share no paragraph."""
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    chosen = keys[0::2] if role == "calib" else keys[1::2]
-    text = "\n\n".join(topics[k].strip() for k in chosen)
-    return TextSource(f"pydoc:{role}", text)
+    seen: set[str] = set()
+    parts = []
+    for index, key in enumerate(sorted(topics)):
+        paragraphs = [p for p in topics[key].strip().split("\n\n") if p not in seen]
+        seen.update(paragraphs)
+        if index % 2 == (0 if role == "calib" else 1) and paragraphs:
+            parts.append("\n\n".join(paragraphs))
+    return TextSource(f"pydoc:{role}", "\n\n".join(parts))
 
 
 def _wikitext2(role: Role) -> TextSource:

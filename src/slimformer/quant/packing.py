@@ -12,7 +12,8 @@ import torch
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
-    return ((numel + 7) // 8) * bits
+    """Bytes :func:`pack` writes: 8-bit codes as they are, others in whole 8-code chunks."""
+    return numel if bits == 8 else ((numel + 7) // 8) * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
