@@ -1,0 +1,76 @@
+"""Regenerate the README's results table from benchmarks/results/*.json.
+
+The table sits between `<!-- results:begin -->` and `<!-- results:end -->`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def rtn_table(payload: dict) -> str:
+    rows = payload["rows"]
+    base = rows[0]
+    lines = [
+        f"RTN on SmolLM2-135M ({payload['date']}; `benchmarks/rtn.py` → `benchmarks/results/rtn_smollm2.json`). "
+        f"WikiText-2 test, {payload['protocol']['wikitext2_windows']} × 512 tokens; built-in corpus (pydoc), "
+        f"{payload['protocol']['pydoc_windows']} × 512; KL and top-1 agreement against fp32 on "
+        f"{payload['protocol']['agreement_windows']} WikiText-2 windows. Decoder linears quantised; tied embedding / LM head fp32.",
+        "",
+        "| recipe | WikiText-2 ppl | Δ vs fp32 | pydoc ppl | KL | top-1 | stored MB | × smaller | compress s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        wiki = r.get("wikitext2_perplexity")
+        delta = None if wiki is None or base.get("wikitext2_perplexity") is None else 100 * (wiki / base["wikitext2_perplexity"] - 1)
+        lines.append(
+            f"| {r['name']} | {_fmt(wiki, '.2f')} | {'—' if delta is None else f'{delta:+.1f}%'} | "
+            f"{_fmt(r.get('pydoc_perplexity'), '.2f')} | {_fmt(r.get('kl'), '.4f')} | "
+            f"{'—' if r.get('top1_agreement') is None else f'{100 * r['top1_agreement']:.1f}%'} | "
+            f"{r['stored_bytes'] / 1e6:.1f} | {base['stored_bytes'] / r['stored_bytes']:.2f} | "
+            f"{_fmt(r.get('compress_seconds'), '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def study_table(payload: dict) -> str:
+    lines = [f"W8A32 / W32A8 / W8A8 study (`slimformer study-w8a8`, {payload['date']}; `benchmarks/results/study_w8a8.json`).", ""]
+    for model, result in payload["models"].items():
+        metric = result["metric"]
+        lines += [f"**{model}** ({metric.replace('_', ' ')} on {result['data']['name']})", "",
+                  f"| variant | {metric.replace('_', ' ')} |", "|---|---|"]
+        lines += [f"| {r['variant']} | {r[metric]:.4f} |" for r in result["rows"]]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table}
+
+
+def render() -> str:
+    parts = []
+    for name, fn in TABLES.items():
+        path = ROOT / "benchmarks" / "results" / name
+        if path.exists():
+            parts.append(fn(json.loads(path.read_text())))
+    return "\n\n".join(parts) if parts else "_No benchmark results yet._"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + render() + "\n" + text[end:])
+    print("README table updated")
+
+
+if __name__ == "__main__":
+    main()
