@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from slimformer.errors import SlimformerError
+from slimformer.export.atomic import check_output_dir
 
 TASK_CHOICES = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "stsb")
 
@@ -33,8 +35,16 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user mistake: one line on stderr, exit 2.
+    (Subparsers are built with the same class.)"""
+
+    def error(self, message):
+        self.exit(2, f"slimformer: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimformer", description="Make transformer models cheaper to run, and measure the trade-off.")
+    parser = _Parser(prog="slimformer", description="Make transformer models cheaper to run, and measure the trade-off.")
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,13 +141,23 @@ def run(args) -> int:
         for name in builtin_recipes():
             print(f"{name:18s} {load_recipe(name).description}")
         return 0
+    # Cheap checks first, so a typo or a forgotten flag does not cost a model load.
+    recipe = None
+    if args.command == "compress":
+        from slimformer.recipes import load_recipe
+
+        recipe = load_recipe(args.recipe)
+    if args.command in ("compress", "compare"):
+        check_output_dir(Path(args.out), args.overwrite)
+    if getattr(args, "tasks", None):
+        api.resolve_task_data(args.task_data)
     if args.command in ("eval", "compare", "compress", "inspect", "study-w8a8"):
         from slimformer.models.load import load
 
         model = load(args.model, trust_pickle=args.trust_pickle)
         source = (model[0], model[1])
     if args.command == "compress":
-        result = api.compress(source, args.recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
+        result = api.compress(source, recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
                               seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,
                               progress=progress, inplace=True, source_name=args.model)
         print(f"wrote {result.out} ({_fmt_bytes(result.stored_bytes)}, {result.run.seconds:.1f} s)")

@@ -168,4 +168,6 @@ def _check_type(technique: str, key: str, value: Any, hint) -> None:
 
 
 def _hint_name(hint) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
     return str(hint).replace("typing.", "")

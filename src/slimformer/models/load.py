@@ -46,6 +46,7 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()   # "Loading weights" bars would break one-line errors and --quiet
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
