@@ -9,6 +9,8 @@ unless the caller opts in (``trust_pickle=True``), and then read with
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -104,11 +106,31 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
     cls = _model_class(config)
     try:
-        model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with _no_gguf_progress_bar():
+            model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF reader draws its own tqdm bar, deaf to disable_progress_bar()."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _load_hf(name: str, dtype: torch.dtype, trust_pickle: bool, local: bool):
