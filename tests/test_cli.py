@@ -36,7 +36,9 @@ def _save(model, d: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {fam: _save(tiny_model(fam), root / fam) for fam in ("llama", "gpt2")}
+    dirs = {fam: _save(tiny_model(fam), root / fam) for fam in ("llama", "gpt2", "bert")}
+    dirs["llama-v300"] = _save(tiny_model("llama", vocab_size=300), root / "llama-v300")
+    return dirs
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -297,6 +299,27 @@ def test_existing_compare_output_needs_overwrite(capsys, tmp_path, models):
     assert list(out.iterdir()) == []
 
 
+def test_compressing_a_compressed_model(capsys, tmp_path, models):
+    first = tmp_path / "first"
+    code, _, err = cli(capsys, "--quiet", "compress", models["llama"], "--recipe", "rtn-w8", "--out", first, *SEQ)
+    assert code == 0, err
+    out = tmp_path / "out"
+    line = compress_fails(capsys, tmp_path, first, "rtn-w4-g32", fragments=(str(first), "already compressed"))
+    assert line
+    assert_no_output(out)
+
+
+def test_mismatched_reference(capsys, tmp_path, models):
+    eval_fails(capsys, tmp_path, models["llama"], "--windows", "1", "--reference", models["bert"],
+               fragments=("encoder", "decoder"))
+    eval_fails(capsys, tmp_path, models["bert"], "--windows", "1", "--reference", models["llama"],
+               fragments=("encoder", "decoder"))
+    eval_fails(capsys, tmp_path, models["llama"], "--windows", "1", "--reference", models["llama-v300"],
+               fragments=("300", "384"))
+    eval_fails(capsys, tmp_path, models["llama"], "--windows", "1", "--reference", tmp_path / "gone",
+               fragments=("gone",))
+
+
 # ---------------------------------------------------------------- tasks and usage errors
 
 def test_tasks_without_task_data(capsys, tmp_path, models):
@@ -351,6 +374,19 @@ def test_compress_then_eval(capsys, tmp_path, models):
 
     # The compressed model is smaller on disk than the fp32 original.
     assert printed["stored_bytes"] < (models["llama"] / "model.safetensors").stat().st_size * 0.7
+
+    # Outputs are ordinary files and directories (umask), not private temporary ones.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
+    assert (report.stat().st_mode & 0o777) == 0o666 & ~mask
+
+    # Agreement with the uncompressed model as reference.
+    code, stdout, err = cli(capsys, "--quiet", "eval", out, *SEQ, "--windows", "3", "--reference", models["llama"])
+    assert code == 0, err
+    agreed = json.loads(stdout)
+    assert 0 <= agreed["kl"] < 0.5 and 0.5 < agreed["top1_agreement"] <= 1
+    assert agreed["perplexity"] == pytest.approx(printed["perplexity"])
 
 
 def test_recipes_lists_builtins(capsys):

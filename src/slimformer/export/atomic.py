@@ -16,6 +16,12 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output directory {out} exists; pass --overwrite to replace it")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces ``out``."""
@@ -23,13 +29,19 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "old"
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)   # put the previous result back
+                raise
+            finally:
+                shutil.rmtree(old.parent, ignore_errors=True)
         else:
             tmp.rename(out)
     finally:
@@ -44,6 +56,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private (0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
