@@ -228,10 +228,35 @@ def test_calibrating_recipe_without_calib(capsys, tmp_path, models):
     ("- RTN: {bits: 4}\n", ("mapping",)),
     ("stages:\n  - RTN: {bits: 4}\nstagez: 1\n", ("unknown recipe key 'stagez'",)),
     ("stages:\n  - RTN: 4\n", ("arguments must be a mapping",)),
+    ("stages:\n  - RTN: {bits: 4, targets: {blocks: [a]}}\n", ("blocks", "'a'")),
+    ("stages:\n  - RTN: {bits: 4, targets: {blocks: [true]}}\n", ("blocks",)),
+    ("stages:\n  - RTN: {bits: 4, targets: {include: [1]}}\n", ("include", "strings")),
+    ("stages:\n  - RTN: {bits: 4, targets: \"(\"}\n", ("invalid pattern '('",)),
+    ("stages:\n  - RTN: {bits: 4, targets: {nclude: q}}\n", ("unknown key 'nclude'",)),
+    # Targets that select nothing would write an uncompressed "compressed" model.
+    ("stages:\n  - RTN: {bits: 4, targets: q_proj}\n", ("stage 1 (RTN)", "select no projection", "self_attn.q_proj")),
+    ("stages:\n  - RTN: {bits: 4, targets: []}\n", ("select no projection",)),
+    ("stages:\n  - RTN: {bits: 4, targets: {blocks: [7]}}\n", ("select no projection", "blocks 0-1")),
 ], ids=["syntax", "unknown-technique", "unknown-argument", "wrong-type", "wrong-type-bool",
-        "bad-literal", "no-stages", "not-a-mapping", "unknown-key", "args-not-mapping"])
+        "bad-literal", "no-stages", "not-a-mapping", "unknown-key", "args-not-mapping",
+        "blocks-not-int", "blocks-bool", "pattern-not-str", "bad-regex", "targets-unknown-key",
+        "selects-nothing", "empty-include", "block-out-of-range"])
 def test_invalid_recipe(capsys, tmp_path, models, body, fragments):
     compress_fails(capsys, tmp_path, models["llama"], recipe_file(tmp_path, body), fragments=fragments)
+
+
+def test_recipe_with_null_name_is_named_after_its_file(capsys, tmp_path, models):
+    recipe = recipe_file(tmp_path, "name:\ndescription:\nstages:\n  - RTN: {bits: 8, act_bits: 8, "
+                                   "act_granularity: tensor, act_dynamic: false}\n", "my-static.yaml")
+    compress_fails(capsys, tmp_path, models["llama"], recipe, fragments=("recipe my-static needs calibration",))
+
+
+def test_targets_selecting_some_blocks_work(capsys, tmp_path, models):
+    recipe = recipe_file(tmp_path, "stages:\n  - RTN: {bits: 4, targets: {include: '.*q_proj', blocks: [1]}}\n")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "--quiet", "compress", models["llama"], "--recipe", recipe, "--out", out, *SEQ)
+    assert code == 0, err
+    assert list(json.loads((out / "slimformer.json").read_text())["modules"]) == ["model.layers.1.self_attn.q_proj"]
 
 
 def test_unknown_recipe_name_and_missing_file(capsys, tmp_path, models):

@@ -171,6 +171,11 @@ def run(args) -> int:
         source = (model[0], model[1])
         if args.command == "compress" and getattr(model[0], "slimformer_meta", None):
             raise QuantConfigError(f"{args.model} is already compressed; compress the original model instead")
+        if args.command == "compress":
+            from slimformer.core.transform import check_targets
+            from slimformer.models.adapters import adapter_for
+
+            check_targets(recipe.stages, model[0], adapter_for(model[0]))
     if args.command == "compress":
         result = api.compress(source, recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
                               seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,

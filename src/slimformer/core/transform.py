@@ -51,6 +51,20 @@ class Targets:
     ignore: tuple[str, ...] = ()
     blocks: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        for key in ("include", "ignore"):
+            for pattern in getattr(self, key):
+                if not isinstance(pattern, str):
+                    raise RecipeError(f"targets {key}: patterns must be strings, got {pattern!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise RecipeError(f"targets {key}: invalid pattern {pattern!r}: {exc}") from None
+        if self.blocks is not None and not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.blocks
+        ):
+            raise RecipeError(f"targets blocks must be block numbers (integers from 0), got {list(self.blocks)!r}")
+
     def select(self, names: typing.Iterable[str], block_index: int) -> list[str]:
         if self.blocks is not None and block_index not in self.blocks:
             return []
@@ -75,7 +89,7 @@ class Targets:
             return cls(
                 include=to_tuple(value.get("include", ".*")),
                 ignore=to_tuple(value.get("ignore", ())),
-                blocks=None if value.get("blocks") is None else tuple(int(b) for b in to_tuple(value["blocks"])),
+                blocks=None if value.get("blocks") is None else to_tuple(value["blocks"]),
             )
         raise RecipeError(f"targets must be a pattern, a list of patterns or a mapping, got {value!r}")
 
@@ -104,6 +118,17 @@ class Transform:
     def target_linears(self, block: nn.Module, ctx: BlockContext) -> dict[str, nn.Module]:
         names = self.targets.select(ctx.adapter.linears, ctx.index)
         return {n: block.get_submodule(n) for n in names}
+
+
+def check_targets(transforms: typing.Iterable[Transform], model: nn.Module, adapter: Adapter) -> None:
+    """Refuse a stage whose targets select no projection of ``model``: it would silently do nothing."""
+    n_blocks = len(adapter.get_blocks(model))
+    for number, transform in enumerate(transforms, 1):
+        if not any(transform.targets.select(adapter.linears, b) for b in range(n_blocks)):
+            raise RecipeError(
+                f"stage {number} ({type(transform).__name__}): targets select no projection of this "
+                f"{adapter.family} model (projections: {', '.join(adapter.linears)}; blocks 0-{n_blocks - 1})"
+            )
 
 
 _REGISTRY: dict[str, type[Transform]] = {}

@@ -56,7 +56,9 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
         if args is not None and not isinstance(args, dict):
             raise RecipeError(f"stage {i + 1} ({name}): arguments must be a mapping")
         transforms.append(build_transform(name, args))
-    return Recipe(str(data.get("name", default_name)), transforms, str(data.get("description", "")), text)
+    name, description = data.get("name"), data.get("description")
+    return Recipe(default_name if name is None else str(name), transforms,
+                  "" if description is None else str(description), text)
 
 
 def _builtin_dir():
