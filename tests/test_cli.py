@@ -204,6 +204,24 @@ def test_data_too_short_for_windows(capsys, tmp_path, models):
     eval_fails(capsys, tmp_path, models["llama"], "--data", tiny, fragments=("fewer than one window",))
 
 
+@pytest.mark.parametrize("damage", [b"", b"garbage", None], ids=["empty", "garbage", "truncated"])
+def test_damaged_token_cache_is_recomputed(capsys, tmp_path, models, monkeypatch, damage):
+    from slimformer.data import tokens
+
+    monkeypatch.setattr(tokens, "_MEMORY_CACHE", {})
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ("--quiet", "eval", models["llama"], "--data", data, *SEQ)
+    code, first, err = cli(capsys, *argv)
+    assert code == 0, err
+    (entry,) = (tmp_path / "cache" / "tokens").glob("*.npy")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2] if damage is None else damage)
+    tokens._MEMORY_CACHE.clear()
+    code, second, err = cli(capsys, *argv)
+    assert code == 0 and err == "", err
+    assert json.loads(second)["perplexity"] == json.loads(first)["perplexity"]
+
+
 def test_calibration_data_too_short(capsys, tmp_path, models):
     data = tmp_path / "short.txt"
     data.write_text("hello world, hello there")

@@ -40,8 +40,8 @@ def tokenize(source: TextSource, tokenizer) -> torch.Tensor:
     if path.exists():
         try:
             ids = torch.from_numpy(np.load(path, allow_pickle=False)).long()
-        except (OSError, ValueError):
-            ids = None  # a damaged cache entry is recomputed
+        except (OSError, ValueError, EOFError):
+            ids = None  # a damaged cache entry is recomputed (an empty file raises EOFError)
     if ids is None:
         encoded = tokenizer(source.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         ids = torch.tensor(encoded, dtype=torch.long)
