@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from slimformer.core.runner import RunResult, run_transforms
-from slimformer.core.transform import Needs
+from slimformer.core.transform import Needs, check_targets
 from slimformer.data import calibration_samples, eval_windows, load_text, tokenize
-from slimformer.errors import DataError
+from slimformer.errors import DataError, QuantConfigError
 from slimformer.eval import cost
 from slimformer.eval.perplexity import perplexity
 from slimformer.export.atomic import atomic_directory, check_output_dir
@@ -67,7 +67,9 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
     if out is not None:
         check_output_dir(Path(out), overwrite)   # fail before the slow part
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
-    adapter_for(base)
+    if getattr(base, "slimformer_meta", None):
+        raise QuantConfigError(f"{source} is already compressed; compress the original model instead")
+    check_targets(recipe.stages, base, adapter_for(base))
     target = base if inplace or not isinstance(model, (tuple, list)) else copy.deepcopy(base)
     needs_data = any(stage.requires() is Needs.CALIBRATION for stage in recipe.stages)
     calib_ids, calib_meta = None, None
@@ -95,8 +97,11 @@ def evaluate(model, data: str | None = "pydoc", *, seqlen: int = 512, windows: i
              reference=None, speed: bool = False, progress: bool = True, source_name: str | None = None) -> dict:
     """Quality and cost of one model. Decoders: perplexity on ``data`` (and agreement
     with ``reference``); encoders: embedding cosine to ``reference``; plus tasks."""
+    task_dir = resolve_task_data(task_data) if tasks else None   # fail before the slow part
     loaded, tokenizer, source = _model_and_tokenizer(model, source_name)
     ref = _model_and_tokenizer(reference)[0] if reference is not None else None
+    if ref is not None:
+        check_reference(loaded, ref)
     adapter = adapter_for(loaded)
     result: dict = {"model": source}
     if data is not None:
@@ -115,12 +120,25 @@ def evaluate(model, data: str | None = "pydoc", *, seqlen: int = 512, windows: i
                 result["embedding_cosine"] = embedding_cosine(encode(ref, tokenizer, sentences),
                                                               encode(loaded, tokenizer, sentences))
     if tasks:
-        result["tasks"] = evaluate_task_list(loaded, tokenizer, tasks, task_data, limit, progress)
+        result["tasks"] = evaluate_task_list(loaded, tokenizer, tasks, task_dir, limit, progress)
     result["stored_bytes"] = _stored_bytes(loaded, source)
     if speed:
         result.update(cost.measure_speed(loaded, decode=adapter.is_decoder))
     result["peak_rss_bytes"] = cost.peak_rss_bytes()
     return result
+
+
+def check_reference(model, reference) -> None:
+    """Agreement compares outputs position by position: same kind of model, same vocabulary."""
+    def kind(m):
+        return "a decoder" if adapter_for(m).is_decoder else "an encoder"
+
+    if kind(model) != kind(reference):
+        raise DataError(f"the reference is {kind(reference)} but the model is {kind(model)}")
+    vocab, ref_vocab = model.config.vocab_size, reference.config.vocab_size
+    if adapter_for(model).is_decoder and vocab != ref_vocab:
+        raise DataError(f"the reference has a vocabulary of {ref_vocab} tokens, the model {vocab}: "
+                        "agreement needs the same tokenizer")
 
 
 def _stored_bytes(model, source: str) -> int:
@@ -130,10 +148,9 @@ def _stored_bytes(model, source: str) -> int:
     return cost.source_bytes(source) or cost.in_memory_bytes(model)
 
 
-def evaluate_task_list(model, tokenizer, tasks, task_data, limit, progress) -> dict:
+def evaluate_task_list(model, tokenizer, tasks, task_dir: Path, limit, progress) -> dict:
     from slimformer.eval.tasks import evaluate_tasks
 
-    task_dir = resolve_task_data(task_data)
     tasks = list(tasks)
     out = {}
     if "stsb" in tasks:
@@ -191,6 +208,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
 
     if out is not None:
         check_output_dir(Path(out), overwrite)
+    task_dir = resolve_task_data(task_data) if tasks else None
     recipes = [_recipe(r) for r in recipes]
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     _check_decoder(base, "compare")
@@ -208,7 +226,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
         if speed:
             row.update(_speed(source, new_tokens))
         if tasks:
-            row["tasks"] = evaluate_task_list(base, tokenizer, tasks, task_data, limit, progress)
+            row["tasks"] = evaluate_task_list(base, tokenizer, tasks, task_dir, limit, progress)
         rows.append(row)
         for recipe in recipes:
             say(f"[{recipe.name}] compressing")
@@ -223,7 +241,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
             if speed:
                 row.update(_speed(str(model_dir), new_tokens))
             if tasks:
-                row["tasks"] = evaluate_task_list(result.model, tokenizer, tasks, task_data, limit, progress)
+                row["tasks"] = evaluate_task_list(result.model, tokenizer, tasks, task_dir, limit, progress)
             rows.append(row)
             del result
         if out_tmp is not None:

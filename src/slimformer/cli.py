@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from slimformer.errors import DataError, QuantConfigError, SlimformerError
+from slimformer.errors import SlimformerError
 from slimformer.export.atomic import check_output_dir
 
 TASK_CHOICES = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "stsb")
@@ -127,19 +127,6 @@ def _fmt_bytes(n) -> str:
     return "—" if n is None else f"{n / 1e6:,.1f} MB"
 
 
-def _check_reference(model, reference, name: str) -> None:
-    """Agreement compares outputs position by position: same kind of model, same vocabulary."""
-    from slimformer.models.adapters import adapter_for
-
-    kind = lambda m: "a decoder" if adapter_for(m).is_decoder else "an encoder"  # noqa: E731
-    if kind(model) != kind(reference):
-        raise DataError(f"reference {name} is {kind(reference)} but the model is {kind(model)}")
-    vocab, ref_vocab = model.config.vocab_size, reference.config.vocab_size
-    if adapter_for(model).is_decoder and vocab != ref_vocab:
-        raise DataError(f"reference {name} has a vocabulary of {ref_vocab} tokens, the model {vocab}: "
-                        "agreement needs the same tokenizer")
-
-
 def run(args) -> int:
     import torch
 
@@ -169,13 +156,6 @@ def run(args) -> int:
 
         model = load(args.model, trust_pickle=args.trust_pickle)
         source = (model[0], model[1])
-        if args.command == "compress" and getattr(model[0], "slimformer_meta", None):
-            raise QuantConfigError(f"{args.model} is already compressed; compress the original model instead")
-        if args.command == "compress":
-            from slimformer.core.transform import check_targets
-            from slimformer.models.adapters import adapter_for
-
-            check_targets(recipe.stages, model[0], adapter_for(model[0]))
     if args.command == "compress":
         result = api.compress(source, recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
                               seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,
@@ -189,7 +169,6 @@ def run(args) -> int:
             from slimformer.models.load import load
 
             reference = load(args.reference, trust_pickle=args.trust_pickle)
-            _check_reference(source[0], reference[0], args.reference)
         result = api.evaluate(source, args.data, seqlen=args.seqlen, windows=args.windows, stride=args.stride,
                               tasks=args.tasks, task_data=args.task_data, limit=args.limit,
                               reference=reference, speed=args.speed, progress=progress, source_name=args.model)

@@ -99,17 +99,18 @@ def run_transforms(
     inputs, kwargs = capture_block_inputs(model, calib, batch_size) if needs_data else ([], {})
     fallbacks: list[str] = []
     states: dict[int, dict] = {id(t): {} for t in transforms}
-    bar = tqdm(range(len(blocks)), desc="compressing", unit="block", disable=not progress)
-    for index in bar:
-        block = blocks[index]
-        for transform in transforms:
-            ctx = BlockContext(model, adapter, index, f"{adapter.blocks}.{index}", states[id(transform)], fallbacks)
-            if transform.requires() is Needs.CALIBRATION:
-                transform.prepare(block, ctx)
-                _forward_block(block, inputs, kwargs)
-            transform.convert(block, ctx)
-        if needs_data and index + 1 < len(blocks):
-            inputs = _forward_block(block, inputs, kwargs)
+    # leave=False: a failure mid-way prints only the error, not a stale bar.
+    with tqdm(total=len(blocks), desc="compressing", unit="block", disable=not progress, leave=False) as bar:
+        for index, block in enumerate(blocks):
+            for transform in transforms:
+                ctx = BlockContext(model, adapter, index, f"{adapter.blocks}.{index}", states[id(transform)], fallbacks)
+                if transform.requires() is Needs.CALIBRATION:
+                    transform.prepare(block, ctx)
+                    _forward_block(block, inputs, kwargs)
+                transform.convert(block, ctx)
+            if needs_data and index + 1 < len(blocks):
+                inputs = _forward_block(block, inputs, kwargs)
+            bar.update()
     for transform in transforms:
         transform.finish(model, adapter)
     return RunResult(time.perf_counter() - start, fallbacks)
