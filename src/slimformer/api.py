@@ -200,7 +200,7 @@ def run_meta(source: str, data: dict, seqlen: int, windows: int, argv=None) -> d
 def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=None, *,
             calib: str | None = None, calib_samples: int = 128, seqlen: int = 512, windows: int | None = 20,
             tasks=(), task_data=None, limit: int | None = None, speed: bool = True,
-            new_tokens: int = 32, overwrite: bool = False, save_models: bool = False,
+            new_tokens: int = 16, speed_repeats: int = 2, overwrite: bool = False, save_models: bool = False,
             progress: bool = True, source_name: str | None = None) -> list[dict]:
     """Measure the uncompressed model and one variant per recipe on the same data;
     write ``report.{html,md,json}`` to ``out``."""
@@ -224,7 +224,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
         row = {"name": "fp32", "recipe": None, **perplexity(base, wins, progress=progress, desc="fp32")}
         row["stored_bytes"] = cost.in_memory_bytes(base)
         if speed:
-            row.update(_speed(source, new_tokens))
+            row.update(_speed(source, new_tokens, speed_repeats))
         if tasks:
             row["tasks"] = evaluate_task_list(base, tokenizer, tasks, task_dir, limit, progress)
         rows.append(row)
@@ -239,7 +239,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
                    **perplexity(result.model, wins, reference=base, progress=progress, desc=recipe.name)}
             row["stored_bytes"] = result.stored_bytes
             if speed:
-                row.update(_speed(str(model_dir), new_tokens))
+                row.update(_speed(str(model_dir), new_tokens, speed_repeats))
             if tasks:
                 row["tasks"] = evaluate_task_list(result.model, tokenizer, tasks, task_dir, limit, progress)
             rows.append(row)
@@ -259,7 +259,8 @@ def _output_dir(out, overwrite: bool):
         yield tmp
 
 
-def _speed(source: str, new_tokens: int) -> dict:
-    measured = cost.measure_in_subprocess(source, new_tokens=new_tokens, threads=torch.get_num_threads())
+def _speed(source: str, new_tokens: int, repeats: int) -> dict:
+    measured = cost.measure_in_subprocess(source, new_tokens=new_tokens, repeats=repeats,
+                                          threads=torch.get_num_threads())
     keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_ms", "peak_rss_bytes")
     return {k: measured.get(k) for k in keep}

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_task_list, default=[])
     p.add_argument("--task-data")
     p.add_argument("--limit", type=_positive_int)
-    p.add_argument("--new-tokens", type=_positive_int, default=32, help="decode tokens timed per run (default 32)")
+    p.add_argument("--new-tokens", type=_positive_int, default=16, help="decode tokens timed per run (default 16)")
+    p.add_argument("--speed-repeats", type=_positive_int, default=2, help="timed runs after a warm-up; the median is reported (default 2)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     p.add_argument("--save-models", action="store_true", help="keep each compressed model under OUT/models/")
     p.add_argument("--out", required=True, help="report directory")
@@ -178,7 +179,7 @@ def run(args) -> int:
         recipes = args.recipes or list(api.DEFAULT_COMPARE_RECIPES)
         rows = api.compare(source, recipes, args.data, args.out, calib=args.calib, calib_samples=args.calib_samples,
                            seqlen=args.seqlen, windows=args.windows, tasks=args.tasks, task_data=args.task_data,
-                           limit=args.limit, speed=not args.no_speed, new_tokens=args.new_tokens,
+                           limit=args.limit, speed=not args.no_speed, new_tokens=args.new_tokens, speed_repeats=args.speed_repeats,
                            overwrite=args.overwrite, save_models=args.save_models, progress=progress,
                            source_name=args.model)
         for row in rows:
