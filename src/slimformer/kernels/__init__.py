@@ -1,0 +1,282 @@
+"""Fast CPU matmul kernels for quantised Linear layers (weight-only int8/int4, W8A8).
+
+Why our own kernels: on an AVX2 CPU (no AVX-512/VNNI/AMX) torch's
+``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` measured 3-6x *slower*
+than fp32 F.linear, and no library callable from torch does fast int4/int8 GEMV on
+such CPUs. Batch-1 decode is memory-bound, so reading 1 byte (int8) or ~0.6 byte
+(int4 + group scales) per weight instead of 4 is the whole win. The kernels are
+AVX2+FMA C++ with OpenMP (``_kernels.cpp``), built once with g++ and loaded via
+ctypes (``_build.py``); numba was measured too and was slower (see
+``benchmarks/kernels.py`` / ``benchmarks/results/kernels.json``).
+
+Dispatch by number of tokens M (rows of ``x``):
+  * M <= ``SMALL_M``: fused kernels that read each weight row once for all tokens;
+  * larger M (prefill): dequantise tiles of rows to fp32 with the C kernel and call
+    torch's fp32 GEMM (measured fastest; dequant is a few % of the GEMM);
+  * W8A8: integer kernel (int8 x int8 -> int32) for every M.
+
+Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
+Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
+with a warning naming the shape — never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.kernels import reference
+from slimformer.kernels._build import get_lib, load_error
+
+__all__ = [
+    "PackedInt8", "PackedInt4", "prepare_int8", "prepare_int4", "int8_linear", "int4_linear",
+    "w8a8_linear", "set_num_threads", "kernels_available", "reference",
+]
+
+_NUM_THREADS = max(1, min(2, os.cpu_count() or 1))
+SMALL_M = {"int8": 4, "int4": 4}  # fused path up to this many tokens; measured crossovers
+_TILE_BYTES = 8 << 20  # fp32 tile size for the dequantise + GEMM path
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the C kernels (torch's GEMM follows ``torch.set_num_threads``)."""
+    global _NUM_THREADS
+    _NUM_THREADS = max(1, int(n))
+
+
+def kernels_available() -> bool:
+    return get_lib() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _warn_fallback(kind: str, shape, why: str) -> None:
+    warnings.warn(f"slimformer.kernels: {kind} weight of shape {tuple(shape)} uses the slow reference path: {why}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _prep_x(x: torch.Tensor, K: int) -> torch.Tensor:
+    if x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {K}")
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    return x2.contiguous()
+
+
+def _prep_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(torch.float32).contiguous()
+
+
+def _dequant_gemm(x2: torch.Tensor, N: int, K: int, bias, dequant) -> torch.Tensor:
+    """y = x2 @ W^T with W dequantised tile by tile (``dequant(n0, n1, out)``)."""
+    rows = max(64, (_TILE_BYTES // (4 * K)) // 64 * 64)
+    if rows >= N:
+        w = torch.empty(N, K, dtype=torch.float32)
+        dequant(0, N, w)
+        return F.linear(x2, w, bias)
+    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    w = torch.empty(rows, K, dtype=torch.float32)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        wt = w[: n1 - n0]
+        dequant(n0, n1, wt)
+        y[:, n0:n1] = F.linear(x2, wt, None if bias is None else bias[n0:n1])
+    return y
+
+
+# ---------------------------------------------------------------------- int8
+@dataclass
+class PackedInt8:
+    """Runtime int8 layout: ``q = code - 128`` (int8), ``w = (q + corr) * scale``."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+    corr: torch.Tensor  # [N] float32, integer-valued: 128 - offset - zero
+    corr_i: torch.Tensor | None  # [N] int32 (None when the zero-point is not an integer)
+    bits: int
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def codes(self) -> torch.Tensor:
+        return (self.q.to(torch.int16) + 128).to(torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.float() + self.corr[:, None]) * self.scale[:, None]
+
+    def nbytes(self) -> int:
+        return self.q.numel() + 8 * self.q.shape[0]
+
+
+def prepare_int8(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, bits: int = 8,
+                 symmetric: bool = True) -> PackedInt8:
+    """Repack stored per-output-channel codes (``[N, K]`` uint8 in ``0..2^bits-1``,
+    scale ``[N, 1]`` or ``[1, 1]``, integer zero ``[N, 1]`` or None) for the kernels."""
+    if codes_u8.dim() != 2:
+        raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+    N, K = codes_u8.shape
+    if scale.numel() not in (1, N):
+        raise ValueError(f"int8 kernels take one scale per output channel, got scale {tuple(scale.shape)}")
+    q = (codes_u8.to(torch.int16) - 128).to(torch.int8).contiguous()
+    offset = 2 ** (bits - 1) if symmetric else 0
+    z = torch.zeros(N) if zero is None or not zero.numel() else zero.float().reshape(-1).expand(N)
+    corr = (128.0 - offset - z).float().contiguous()
+    corr_i = corr.round().to(torch.int32) if torch.equal(corr, corr.round()) else None
+    s = scale.float().reshape(-1).expand(N).contiguous()
+    return PackedInt8(q, s, corr, corr_i, bits, symmetric)
+
+
+def int8_linear(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` for ``x [..., K]``; weight-only int8."""
+    N, K = packed.shape
+    lib = get_lib()
+    if lib is None:
+        _warn_fallback("int8", (N, K), f"kernels unavailable ({load_error()})")
+        return F.linear(x.float(), packed.dequantize(), _prep_bias(bias)).to(x.dtype)
+    x2, b = _prep_x(x, K), _prep_bias(bias)
+    M = x2.shape[0]
+    if M <= SMALL_M["int8"]:
+        y = torch.empty(M, N, dtype=torch.float32)
+        lib.sf_w8_linear(packed.q.data_ptr(), packed.scale.data_ptr(), packed.corr.data_ptr(), x2.data_ptr(),
+                         _ptr(b), y.data_ptr(), M, N, K, _NUM_THREADS)
+    else:
+        q, s, c = packed.q, packed.scale, packed.corr
+
+        def dequant(n0, n1, out):
+            lib.sf_w8_dequant(q[n0].data_ptr(), s[n0].data_ptr(), c[n0].data_ptr(), out.data_ptr(),
+                              n1 - n0, K, _NUM_THREADS)
+
+        y = _dequant_gemm(x2, N, K, b, dequant)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
+# ---------------------------------------------------------------------- W8A8
+def w8a8_linear(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic per-token symmetric int8 activations x int8 weights, int32
+    accumulation, rescaled by ``s_x ⊗ s_w`` (same activation rounding as
+    ``primitives.fake_quantize_activation``)."""
+    N, K = packed.shape
+    lib = get_lib()
+    if lib is None or packed.corr_i is None:
+        why = f"kernels unavailable ({load_error()})" if lib is None else "non-integer zero-point"
+        _warn_fallback("w8a8", (N, K), why)
+        return _w8a8_fallback(x, packed, bias)
+    x2, b = _prep_x(x, K), _prep_bias(bias)
+    M = x2.shape[0]
+    qx = torch.empty(M, K, dtype=torch.int8)
+    sx = torch.empty(M, dtype=torch.float32)
+    qsum = torch.empty(M, dtype=torch.int32)
+    lib.sf_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), qsum.data_ptr(), M, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.sf_w8a8_linear(packed.q.data_ptr(), packed.scale.data_ptr(), packed.corr_i.data_ptr(), qx.data_ptr(),
+                       sx.data_ptr(), qsum.data_ptr(), _ptr(b), y.data_ptr(), M, N, K, _NUM_THREADS)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
+def _w8a8_fallback(x, packed: PackedInt8, bias) -> torch.Tensor:
+    q, sx = reference.quantize_activation_per_token(x)
+    w = packed.q.double() + packed.corr.double()[:, None]
+    acc = (q.double() @ w.t()).float()
+    y = acc * (sx * packed.scale[None, :])
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------- int4
+@dataclass
+class PackedInt4:
+    """Runtime int4 layout: per row, every 16 codes in 8 bytes
+    (``byte j = c[j] | c[j+8] << 4``); ``w = (c - zo) * scale`` per group.
+    ``fast`` is False for shapes the kernel cannot take: then ``packed`` holds the
+    plain codes ``[N, K]`` and the reference path is used."""
+
+    packed: torch.Tensor  # [N, K/2] uint8 (or [N, K] codes when not fast)
+    scale: torch.Tensor  # [N, G] float32
+    zo: torch.Tensor  # [N, G] uint8: offset + zero
+    group_size: int
+    symmetric: bool
+    N: int
+    K: int
+    fast: bool = True
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.N, self.K)
+
+    def codes(self) -> torch.Tensor:
+        if not self.fast:
+            return self.packed
+        b = self.packed.reshape(self.N, self.K // 16, 8)
+        return torch.cat([b & 0xF, b >> 4], dim=-1).reshape(self.N, self.K)
+
+    def dequantize(self) -> torch.Tensor:
+        c = self.codes().float().reshape(self.N, -1, self.group_size)
+        return ((c - self.zo.float()[..., None]) * self.scale[..., None]).reshape(self.N, self.K)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scale.numel() * 4 + self.zo.numel()
+
+
+def prepare_int4(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+                 symmetric: bool) -> PackedInt4:
+    """Repack stored 4-bit codes (``[N, K]`` uint8 in 0..15 — unpack the stored bytes
+    first), scale ``[N, G]``, integer zero ``[N, G]`` (asymmetric) or None;
+    ``group_size`` None or K means per-channel."""
+    if codes_u8.dim() != 2:
+        raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+    N, K = codes_u8.shape
+    gs = K if group_size is None else int(group_size)
+    if K % gs:
+        raise ValueError(f"group_size {gs} does not divide {K} input columns")
+    G = K // gs
+    scale = scale.float().reshape(-1, G).expand(N, G).contiguous()
+    offset = 0 if not symmetric else 8
+    z = torch.zeros(N, G) if zero is None or not zero.numel() else zero.float().reshape(-1, G).expand(N, G)
+    zo_f = z + offset
+    ok_zero = torch.equal(zo_f, zo_f.round()) and float(zo_f.min()) >= 0 and float(zo_f.max()) <= 255
+    why = None
+    if K % 16 or gs % 16:
+        why = f"K={K} and group size {gs} must be multiples of 16"
+    elif not ok_zero:
+        why = "zero-points are not integers in 0..255"
+    if why is not None:
+        _warn_fallback("int4", (N, K), why)
+        return PackedInt4(codes_u8.contiguous(), scale, zo_f.contiguous(), gs, symmetric, N, K, fast=False)
+    c = codes_u8.to(torch.uint8).reshape(N, K // 16, 2, 8)
+    packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(N, K // 2).contiguous()
+    return PackedInt4(packed, scale, zo_f.to(torch.uint8).contiguous(), gs, symmetric, N, K)
+
+
+def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` for ``x [..., K]``; weight-only 4-bit, group-wise."""
+    N, K = packed.shape
+    lib = get_lib()
+    if lib is None or not packed.fast:
+        if lib is None:
+            _warn_fallback("int4", (N, K), f"kernels unavailable ({load_error()})")
+        return F.linear(x.float(), packed.dequantize(), _prep_bias(bias)).to(x.dtype)
+    x2, b = _prep_x(x, K), _prep_bias(bias)
+    M, gs, G = x2.shape[0], packed.group_size, K // packed.group_size
+    if M <= SMALL_M["int4"]:
+        y = torch.empty(M, N, dtype=torch.float32)
+        lib.sf_w4_linear(packed.packed.data_ptr(), packed.scale.data_ptr(), packed.zo.data_ptr(), x2.data_ptr(),
+                         _ptr(b), y.data_ptr(), M, N, K, gs, _NUM_THREADS)
+    else:
+        p, s, z = packed.packed, packed.scale, packed.zo
+
+        def dequant(n0, n1, out):
+            lib.sf_w4_dequant(p[n0].data_ptr(), s[n0].data_ptr(), z[n0].data_ptr(), out.data_ptr(),
+                              n1 - n0, K, gs, _NUM_THREADS)
+
+        y = _dequant_gemm(x2, N, K, b, dequant)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)

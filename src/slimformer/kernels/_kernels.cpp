@@ -1,0 +1,289 @@
+// slimformer CPU kernels: weight-only int8 / int4 and W8A8 matmul, AVX2 + FMA + OpenMP.
+//
+// Plain C ABI (no torch headers) so the library compiles in ~2 s with g++ and is
+// loaded with ctypes; see _build.py. Every function takes raw contiguous pointers.
+//
+// Layouts (built by prepare_* in __init__.py):
+//   int8 : q [N,K] int8 = code - 128;  w = (q + corr[n]) * scale[n]
+//          (corr = 128 - offset - zero, an integer: exact).
+//   int4 : packed [N, K/2] uint8; every 16 codes of a row live in 8 bytes:
+//          byte j = code[j] | code[j+8] << 4.  w = (code - zo[n,g]) * scale[n,g]
+//          with zo = offset + zero (uint8), groups of `gs` columns (gs % 16 == 0).
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+#include <stdlib.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    lo = _mm_add_ss(lo, sh);
+    return _mm_cvtss_f32(lo);
+}
+
+static inline int32_t hsum8i(__m256i v) {
+    __m128i lo = _mm256_castsi256_si128(v);
+    __m128i hi = _mm256_extracti128_si256(v, 1);
+    lo = _mm_add_epi32(lo, hi);
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4E));
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xB1));
+    return _mm_cvtsi128_si32(lo);
+}
+
+static inline __m256 ld_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+static float dot_f32(const float* a, const float* b, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) s += a[k] * b[k];
+    return s;
+}
+
+static float sum_f32(const float* a, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(a + k));
+    float s = hsum8(acc);
+    for (; k < K; ++k) s += a[k];
+    return s;
+}
+
+extern "C" {
+
+// ---------------------------------------------------------------- int8 weight-only
+// y[m,n] = scale[n] * (dot(q[n], x[m]) + corr[n] * sum(x[m])) + bias[n]
+void sf_w8_linear(const int8_t* q, const float* scale, const float* corr, const float* x,
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int nt) {
+    float* xs = (float*)malloc(sizeof(float) * (M > 0 ? M : 1));
+    for (int64_t m = 0; m < M; ++m) xs[m] = sum_f32(x + m * K, K);
+    if (M == 1) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            const int8_t* r = q + n * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                a0 = _mm256_fmadd_ps(ld_i8(r + k), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(ld_i8(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(ld_i8(r + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(ld_i8(r + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+            }
+            for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(ld_i8(r + k), _mm256_loadu_ps(x + k), a0);
+            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (; k < K; ++k) s += (float)r[k] * x[k];
+            float v = scale[n] * (s + corr[n] * xs[0]);
+            y[n] = bias ? v + bias[n] : v;
+        }
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+            float* w = (float*)aligned_alloc(64, sizeof(float) * ((K + 15) / 16 * 16));
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                const int8_t* r = q + n * K;
+                int64_t k = 0;
+                for (; k + 8 <= K; k += 8) _mm256_storeu_ps(w + k, ld_i8(r + k));
+                for (; k < K; ++k) w[k] = (float)r[k];
+                for (int64_t m = 0; m < M; ++m) {
+                    float v = scale[n] * (dot_f32(w, x + m * K, K) + corr[n] * xs[m]);
+                    y[m * N + n] = bias ? v + bias[n] : v;
+                }
+            }
+            free(w);
+        }
+    }
+    free(xs);
+}
+
+// Exact dequantisation to fp32 [N,K] (same arithmetic as the reference).
+void sf_w8_dequant(const int8_t* q, const float* scale, const float* corr, float* out,
+                   int64_t N, int64_t K, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* r = q + n * K;
+        float* o = out + n * K;
+        __m256 c = _mm256_set1_ps(corr[n]), s = _mm256_set1_ps(scale[n]);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_add_ps(ld_i8(r + k), c), s));
+        for (; k < K; ++k) o[k] = ((float)r[k] + corr[n]) * scale[n];
+    }
+}
+
+// ---------------------------------------------------------------- int4 weight-only
+static inline void unpack16(const uint8_t* p, __m256& lo, __m256& hi) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// y[m,n] = sum_g scale[n,g] * (dot_g(code, x) - zo[n,g] * xsum_g) + bias[n]
+void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
+    const int64_t G = K / gs;
+    if (M == 1) {
+        float* xg = (float*)malloc(sizeof(float) * G);
+        for (int64_t g = 0; g < G; ++g) xg[g] = sum_f32(x + g * gs, gs);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            const uint8_t* r = pk + n * (K / 2);
+            const float* sc = scale + n * G;
+            const uint8_t* z = zo + n * G;
+            __m256 tot = _mm256_setzero_ps();
+            float zs = 0.f;
+            for (int64_t g = 0; g < G; ++g) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                const uint8_t* rg = r + g * (gs / 2);
+                const float* xgp = x + g * gs;
+                int64_t k = 0;
+                for (; k + 32 <= gs; k += 32) {
+                    __m256 l0, h0, l1, h1;
+                    unpack16(rg + k / 2, l0, h0);
+                    unpack16(rg + k / 2 + 8, l1, h1);
+                    a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xgp + k), a0);
+                    a1 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xgp + k + 8), a1);
+                    a2 = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xgp + k + 16), a2);
+                    a3 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xgp + k + 24), a3);
+                }
+                if (k < gs) {  // gs % 32 == 16
+                    __m256 l0, h0;
+                    unpack16(rg + k / 2, l0, h0);
+                    a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xgp + k), a0);
+                    a1 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xgp + k + 8), a1);
+                }
+                __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+                tot = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), a, tot);
+                zs += sc[g] * (float)z[g] * xg[g];
+            }
+            float v = hsum8(tot) - zs;
+            y[n] = bias ? v + bias[n] : v;
+        }
+        free(xg);
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+            float* w = (float*)aligned_alloc(64, sizeof(float) * ((K + 15) / 16 * 16));
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                const uint8_t* r = pk + n * (K / 2);
+                for (int64_t g = 0; g < G; ++g) {
+                    __m256 s = _mm256_set1_ps(scale[n * G + g]);
+                    __m256 zz = _mm256_set1_ps((float)zo[n * G + g]);
+                    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+                        __m256 l, h;
+                        unpack16(r + k / 2, l, h);
+                        _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+                        _mm256_storeu_ps(w + k + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
+                    }
+                }
+                for (int64_t m = 0; m < M; ++m) {
+                    float v = dot_f32(w, x + m * K, K);
+                    y[m * N + n] = bias ? v + bias[n] : v;
+                }
+            }
+            free(w);
+        }
+    }
+}
+
+void sf_w4_dequant(const uint8_t* pk, const float* scale, const uint8_t* zo, float* out,
+                   int64_t N, int64_t K, int64_t gs, int nt) {
+    const int64_t G = K / gs;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* r = pk + n * (K / 2);
+        float* w = out + n * K;
+        for (int64_t g = 0; g < G; ++g) {
+            __m256 s = _mm256_set1_ps(scale[n * G + g]);
+            __m256 zz = _mm256_set1_ps((float)zo[n * G + g]);
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+                __m256 l, h;
+                unpack16(r + k / 2, l, h);
+                _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+                _mm256_storeu_ps(w + k + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- W8A8
+// Dynamic per-token symmetric int8 activations: s = max(absmax/127, 1e-12),
+// q = clamp(rint(x / s), -128, 127) — the same IEEE operations as
+// primitives.choose_qparams / fake_quantize_activation, so q is bit-identical.
+void sf_quant_act(const float* x, int8_t* qx, float* sx, int32_t* qsum, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* r = x + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) { float a = fabsf(r[k]); amax = a > amax ? a : amax; }
+        float s = amax / 127.0f;
+        if (!(s >= 1e-12f)) s = 1e-12f;
+        int32_t tot = 0;
+        int8_t* o = qx + m * K;
+        for (int64_t k = 0; k < K; ++k) {
+            float v = nearbyintf(r[k] / s);
+            v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+            o[k] = (int8_t)v;
+            tot += (int32_t)v;
+        }
+        sx[m] = s;
+        qsum[m] = tot;
+    }
+}
+
+// Exact int32 dot of int8 a (any value) and int8 b (in -127..127):
+// maddubs(|a|, sign(b, a)) pairs fit int16 (128*127*2 < 32767).
+static inline int32_t idot(const int8_t* a, const int8_t* b, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
+        __m256i vb = _mm256_loadu_si256((const __m256i*)(b + k));
+        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(va), _mm256_sign_epi8(vb, va));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    int32_t s = hsum8i(acc);
+    for (; k < K; ++k) s += (int32_t)a[k] * (int32_t)b[k];
+    return s;
+}
+
+// y[m,n] = (dot(q[n], qx[m]) + corr[n] * qsum[m]) * (sx[m] * sw[n]) + bias[n]
+void sf_w8a8_linear(const int8_t* q, const float* sw, const int32_t* corr, const int8_t* qx,
+                    const float* sx, const int32_t* qsum, const float* bias, float* y,
+                    int64_t M, int64_t N, int64_t K, int nt) {
+    // Blocks of rows x tokens so a weight row stays in L1 while the tokens stream.
+    const int64_t NB = 16;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t nb = 0; nb < N; nb += NB) {
+        int64_t ne = nb + NB < N ? nb + NB : N;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xr = qx + m * K;
+            for (int64_t n = nb; n < ne; ++n) {
+                int32_t acc = idot(q + n * K, xr, K) + corr[n] * qsum[m];
+                float v = (float)acc * (sx[m] * sw[n]);
+                y[m * N + n] = bias ? v + bias[n] : v;
+            }
+        }
+    }
+}
+
+}  // extern "C"
