@@ -1,0 +1,187 @@
+"""Fast kernels against the reference (dequantise + F.linear, or exact int64 for W8A8).
+
+Tolerance: weight-only kernels reorder fp32 sums, so we ask for
+``|y - ref| / |ref| <= 1e-4`` (Frobenius norms over the whole output); W8A8 must
+equal an exact integer computation up to the final fp32 rescale (1e-6).
+The session's cache dir is empty (conftest), so the first test also covers the
+one-time g++ build (~3 s).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimformer import kernels as K
+from slimformer.kernels import reference as R
+from slimformer.quant.primitives import fake_quantize_activation, quantize_weight
+from slimformer.quant.spec import ActSpec, WeightSpec
+
+RTOL = 1e-4
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def quant(n: int, k: int, bits: int, symmetric: bool, group: int | None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    spec = (WeightSpec(bits, symmetric, "group", group) if group else WeightSpec(bits, symmetric, "channel"))
+    codes, scale, zero = quantize_weight(w, spec)
+    return codes, scale, (None if symmetric else zero)
+
+
+def test_kernels_build_here():
+    if not K._build.cpu_has_avx2_fma():
+        pytest.skip("CPU lacks AVX2/FMA: reference path only")
+    assert K.kernels_available(), K.load_error()
+
+
+INT8_SHAPES = [(576, 576), (192, 576), (1, 64), (7, 96), (33, 100), (5, 3)]
+
+
+@pytest.mark.parametrize("n,k", INT8_SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_int8_matches_reference(n, k, symmetric, m):
+    codes, scale, zero = quant(n, k, 8, symmetric, None)
+    packed = K.prepare_int8(codes, scale, zero, 8, symmetric)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    for b in (None, bias):
+        ref = R.int8_linear(x, codes, scale, zero, 8, symmetric, b)
+        assert rel_err(K.int8_linear(x, packed, b), ref) <= RTOL
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_prefill_and_batched_input(symmetric):
+    codes, scale, zero = quant(1536, 576, 8, symmetric, None)
+    packed = K.prepare_int8(codes, scale, zero, 8, symmetric)
+    x = torch.randn(2, 256, 576)  # M = 512 → dequantise + fp32 GEMM
+    y = K.int8_linear(x, packed)
+    assert y.shape == (2, 256, 1536)
+    assert rel_err(y, R.int8_linear(x, codes, scale, zero, 8, symmetric)) <= RTOL
+
+
+def test_int8_lower_bits_and_tiling():
+    # 6-bit codes through the int8 kernels; N large enough for several GEMM tiles.
+    codes, scale, zero = quant(4096, 576, 6, False, None)
+    packed = K.prepare_int8(codes, scale, zero, 6, False)
+    for m in (1, 64):
+        x = torch.randn(m, 576)
+        assert rel_err(K.int8_linear(x, packed), R.int8_linear(x, codes, scale, zero, 6, False)) <= RTOL
+
+
+INT4_CASES = [  # (n, k, group)
+    (576, 576, 32), (576, 576, 64), (192, 768, 128), (576, 576, None),
+    (192, 576, 32), (576, 1536, 128), (7, 96, 32), (1, 64, 64), (3, 48, 16), (5, 160, None),
+]
+
+
+@pytest.mark.parametrize("n,k,group", INT4_CASES)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int4_matches_reference(n, k, group, symmetric, m):
+    codes, scale, zero = quant(n, k, 4, symmetric, group)
+    packed = K.prepare_int4(codes, scale, zero, group, symmetric)
+    assert packed.fast
+    assert torch.equal(packed.codes(), codes)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    for b in (None, bias):
+        ref = R.int4_linear(x, codes, scale, zero, group, symmetric, b)
+        assert rel_err(K.int4_linear(x, packed, b), ref) <= RTOL
+
+
+@pytest.mark.parametrize("group", [32, 64, None])
+def test_int4_prefill(group):
+    codes, scale, zero = quant(1536, 576, 4, False, group)
+    packed = K.prepare_int4(codes, scale, zero, group, False)
+    x = torch.randn(512, 576)
+    assert rel_err(K.int4_linear(x, packed), R.int4_linear(x, codes, scale, zero, group, False)) <= RTOL
+
+
+@pytest.mark.parametrize("n,k", [(576, 576), (7, 96), (1, 64), (33, 100), (576, 1536)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_w8a8_exact(n, k, symmetric, m):
+    codes, scale, zero = quant(n, k, 8, symmetric, None)
+    packed = K.prepare_int8(codes, scale, zero, 8, symmetric)
+    x = torch.randn(m, k) * 3
+    x[0, 0] = 40.0  # an outlier so per-token scales differ
+    bias = torch.randn(n)
+    for b in (None, bias):
+        exact = R.w8a8_linear(x, codes, scale, zero, 8, symmetric, b)  # int64 accumulation
+        y = K.w8a8_linear(x, packed, b)
+        torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+
+
+def test_w8a8_matches_project_fake_quant():
+    """Same activation rounding as the QuantLinear reference (fake-quant + F.linear)."""
+    codes, scale, zero = quant(192, 576, 8, True, None)
+    packed = K.prepare_int8(codes, scale, zero)
+    x = torch.randn(5, 576)
+    xq = fake_quantize_activation(x, ActSpec(8, True, "token", True))
+    ref = F.linear(xq, R.int8_weight(codes, scale, zero))
+    assert rel_err(K.w8a8_linear(x, packed), ref) <= 1e-5
+
+
+def test_w8a8_zero_input_row():
+    codes, scale, zero = quant(16, 64, 8, True, None)
+    packed = K.prepare_int8(codes, scale, zero)
+    x = torch.zeros(2, 64)
+    x[1] = torch.randn(64)
+    y = K.w8a8_linear(x, packed)
+    assert torch.all(y[0] == 0)
+    torch.testing.assert_close(y, R.w8a8_linear(x, codes, scale, zero))
+
+
+@pytest.mark.parametrize("n,k,group", [(8, 72, 24), (4, 40, None), (3, 20, 10)])
+def test_int4_unsupported_shape_warns_and_falls_back(n, k, group):
+    codes, scale, zero = quant(n, k, 4, False, group)
+    with pytest.warns(RuntimeWarning, match=rf"\({n}, {k}\)"):
+        packed = K.prepare_int4(codes, scale, zero, group, False)
+    assert not packed.fast
+    x = torch.randn(3, k)
+    assert rel_err(K.int4_linear(x, packed), R.int4_linear(x, codes, scale, zero, group, False)) <= 1e-6
+
+
+def test_supported_shapes_do_not_warn():
+    codes, scale, zero = quant(7, 96, 4, True, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed = K.prepare_int4(codes, scale, zero, 32, True)
+        K.int4_linear(torch.randn(1, 96), packed)
+        c8, s8, _ = quant(7, 96, 8, True, None)
+        K.int8_linear(torch.randn(1, 96), K.prepare_int8(c8, s8, None))
+
+
+def test_dtype_and_input_checks():
+    codes, scale, zero = quant(64, 128, 4, True, 32)
+    packed = K.prepare_int4(codes, scale, zero, 32, True)
+    x = torch.randn(2, 128)
+    y = K.int4_linear(x.bfloat16(), packed)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, R.int4_linear(x.bfloat16(), codes, scale, zero, 32, True)) <= 1e-2
+    with pytest.raises(ValueError):
+        K.int4_linear(torch.randn(2, 64), packed)
+    # Non-contiguous input.
+    xt = torch.randn(128, 3).t()
+    assert rel_err(K.int4_linear(xt, packed), R.int4_linear(xt, codes, scale, zero, 32, True)) <= RTOL
+
+
+def test_reference_fallback_when_kernels_unavailable(monkeypatch):
+    codes, scale, zero = quant(7, 96, 8, False, None)
+    packed = K.prepare_int8(codes, scale, zero, 8, False)
+    x = torch.randn(2, 96)
+    monkeypatch.setattr(K, "get_lib", lambda: None)
+    with pytest.warns(RuntimeWarning, match=r"\(7, 96\)"):
+        y = K.int8_linear(x, packed)
+    assert rel_err(y, R.int8_linear(x, codes, scale, zero, 8, False)) <= 1e-6
+    with pytest.warns(RuntimeWarning):
+        y = K.w8a8_linear(x, packed)
+    torch.testing.assert_close(y, R.w8a8_linear(x, codes, scale, zero, 8, False))
