@@ -46,7 +46,7 @@ INT8_SHAPES = [(576, 576), (192, 576), (1, 64), (7, 96), (33, 100), (5, 3)]
 
 @pytest.mark.parametrize("n,k", INT8_SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("m", [1, 3, 6, 9])  # 6: fused 4+2 token chunks; 9: dequant+GEMM
 def test_int8_matches_reference(n, k, symmetric, m):
     codes, scale, zero = quant(n, k, 8, symmetric, None)
     packed = K.prepare_int8(codes, scale, zero, 8, symmetric)
@@ -84,7 +84,7 @@ INT4_CASES = [  # (n, k, group)
 
 @pytest.mark.parametrize("n,k,group", INT4_CASES)
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 6, 17])
 def test_int4_matches_reference(n, k, group, symmetric, m):
     codes, scale, zero = quant(n, k, 4, symmetric, group)
     packed = K.prepare_int4(codes, scale, zero, group, symmetric)

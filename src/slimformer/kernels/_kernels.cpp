@@ -65,6 +65,69 @@ static float sum_f32(const float* a, int64_t K) {
     return s;
 }
 
+static inline void unpack16(const uint8_t* p, __m256& lo, __m256& hi) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// Small-M fused kernels: one weight row, MT (<= 4) tokens per pass, so each weight
+// is converted once and used for MT tokens (x rows stay in L1).
+template <int MT>
+static inline void w8_row_mt(const int8_t* r, float sc, float cr, const float* x, const float* xs,
+                             const float* bias, float* y, int64_t N, int64_t K, int64_t n) {
+    __m256 a[MT], b[MT];
+    for (int t = 0; t < MT; ++t) { a[t] = _mm256_setzero_ps(); b[t] = _mm256_setzero_ps(); }
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0 = ld_i8(r + k), w1 = ld_i8(r + k + 8);
+        for (int t = 0; t < MT; ++t) {
+            a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a[t]);
+            b[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+        }
+    }
+    for (; k + 8 <= K; k += 8) {
+        __m256 w0 = ld_i8(r + k);
+        for (int t = 0; t < MT; ++t) a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a[t]);
+    }
+    for (int t = 0; t < MT; ++t) {
+        float s = hsum8(_mm256_add_ps(a[t], b[t]));
+        for (int64_t kk = k; kk < K; ++kk) s += (float)r[kk] * x[t * K + kk];
+        float v = sc * (s + cr * xs[t]);
+        y[t * N + n] = bias ? v + bias[n] : v;
+    }
+}
+
+template <int MT>
+static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z, const float* x,
+                             const float* xg, const float* bias, float* y, int64_t N, int64_t K,
+                             int64_t gs, int64_t n) {
+    const int64_t G = K / gs;
+    __m256 tot[MT];
+    for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 pa[MT], pb[MT];
+        for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+            __m256 l, h;
+            unpack16(r + k / 2, l, h);
+            for (int t = 0; t < MT; ++t) {
+                pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k), pa[t]);
+                pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 8), pb[t]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
+    }
+    float szo[G];  // scale * zero-offset per group, shared by the MT tokens
+    for (int64_t g = 0; g < G; ++g) szo[g] = sc[g] * (float)z[g];
+    for (int t = 0; t < MT; ++t) {
+        float zs = dot_f32(szo, xg + t * G, G);
+        float v = hsum8(tot[t]) - zs;
+        y[t * N + n] = bias ? v + bias[n] : v;
+    }
+}
+
 extern "C" {
 
 // ---------------------------------------------------------------- int8 weight-only
@@ -74,40 +137,58 @@ void sf_w8_linear(const int8_t* q, const float* scale, const float* corr, const 
     float* xs = (float*)malloc(sizeof(float) * (M > 0 ? M : 1));
     for (int64_t m = 0; m < M; ++m) xs[m] = sum_f32(x + m * K, K);
     if (M == 1) {
+        const int64_t NP = (N + 1) / 2;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t np = 0; np < NP; ++np) {
+            const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
+            const int8_t* r0 = q + n0 * K;
+            const int8_t* r1 = q + n1 * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+            __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+                __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+                a0 = _mm256_fmadd_ps(ld_i8(r0 + k), x0, a0);
+                b0 = _mm256_fmadd_ps(ld_i8(r1 + k), x0, b0);
+                a1 = _mm256_fmadd_ps(ld_i8(r0 + k + 8), x1, a1);
+                b1 = _mm256_fmadd_ps(ld_i8(r1 + k + 8), x1, b1);
+                a2 = _mm256_fmadd_ps(ld_i8(r0 + k + 16), x2, a2);
+                b2 = _mm256_fmadd_ps(ld_i8(r1 + k + 16), x2, b2);
+                a3 = _mm256_fmadd_ps(ld_i8(r0 + k + 24), x3, a3);
+                b3 = _mm256_fmadd_ps(ld_i8(r1 + k + 24), x3, b3);
+            }
+            for (; k + 8 <= K; k += 8) {
+                __m256 x0 = _mm256_loadu_ps(x + k);
+                a0 = _mm256_fmadd_ps(ld_i8(r0 + k), x0, a0);
+                b0 = _mm256_fmadd_ps(ld_i8(r1 + k), x0, b0);
+            }
+            float s0 = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            float s1 = hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+            for (; k < K; ++k) { s0 += (float)r0[k] * x[k]; s1 += (float)r1[k] * x[k]; }
+            float v0 = scale[n0] * (s0 + corr[n0] * xs[0]);
+            y[n0] = bias ? v0 + bias[n0] : v0;
+            if (n1 != n0) {
+                float v1 = scale[n1] * (s1 + corr[n1] * xs[0]);
+                y[n1] = bias ? v1 + bias[n1] : v1;
+            }
+        }
+    } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             const int8_t* r = q + n * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                a0 = _mm256_fmadd_ps(ld_i8(r + k), _mm256_loadu_ps(x + k), a0);
-                a1 = _mm256_fmadd_ps(ld_i8(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-                a2 = _mm256_fmadd_ps(ld_i8(r + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-                a3 = _mm256_fmadd_ps(ld_i8(r + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-            }
-            for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(ld_i8(r + k), _mm256_loadu_ps(x + k), a0);
-            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-            for (; k < K; ++k) s += (float)r[k] * x[k];
-            float v = scale[n] * (s + corr[n] * xs[0]);
-            y[n] = bias ? v + bias[n] : v;
-        }
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-            float* w = (float*)aligned_alloc(64, sizeof(float) * ((K + 15) / 16 * 16));
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; ++n) {
-                const int8_t* r = q + n * K;
-                int64_t k = 0;
-                for (; k + 8 <= K; k += 8) _mm256_storeu_ps(w + k, ld_i8(r + k));
-                for (; k < K; ++k) w[k] = (float)r[k];
-                for (int64_t m = 0; m < M; ++m) {
-                    float v = scale[n] * (dot_f32(w, x + m * K, K) + corr[n] * xs[m]);
-                    y[m * N + n] = bias ? v + bias[n] : v;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const float* xm = x + m0 * K;
+                float* ym = y + m0 * N;
+                switch (M - m0 >= 4 ? 4 : M - m0) {
+                    case 4: w8_row_mt<4>(r, scale[n], corr[n], xm, xs + m0, bias, ym, N, K, n); break;
+                    case 3: w8_row_mt<3>(r, scale[n], corr[n], xm, xs + m0, bias, ym, N, K, n); break;
+                    case 2: w8_row_mt<2>(r, scale[n], corr[n], xm, xs + m0, bias, ym, N, K, n); break;
+                    default: w8_row_mt<1>(r, scale[n], corr[n], xm, xs + m0, bias, ym, N, K, n); break;
                 }
             }
-            free(w);
         }
     }
     free(xs);
@@ -129,11 +210,6 @@ void sf_w8_dequant(const int8_t* q, const float* scale, const float* corr, float
 }
 
 // ---------------------------------------------------------------- int4 weight-only
-static inline void unpack16(const uint8_t* p, __m256& lo, __m256& hi) {
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-}
 
 // y[m,n] = sum_g scale[n,g] * (dot_g(code, x) - zo[n,g] * xsum_g) + bias[n]
 void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
@@ -142,66 +218,100 @@ void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, cons
     if (M == 1) {
         float* xg = (float*)malloc(sizeof(float) * G);
         for (int64_t g = 0; g < G; ++g) xg[g] = sum_f32(x + g * gs, gs);
+        const int64_t NP = (N + 1) / 2;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t np = 0; np < NP; ++np) {
+            const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
+            const uint8_t* r0 = pk + n0 * (K / 2);
+            const uint8_t* r1 = pk + n1 * (K / 2);
+            const float* sc0 = scale + n0 * G;
+            const float* sc1 = scale + n1 * G;
+            // Two independent running totals per row (even/odd groups) break the
+            // fma latency chain across short groups.
+            __m256 tA0 = _mm256_setzero_ps(), tB0 = _mm256_setzero_ps();
+            __m256 tA1 = _mm256_setzero_ps(), tB1 = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; ++g) {
+                __m256 p0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
+                __m256 p1 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+                const int64_t kb = g * gs;
+                int64_t k = 0;
+                for (; k + 32 <= gs; k += 32) {
+                    const float* xp = x + kb + k;
+                    __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+                    __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
+                    __m256 l, h;
+                    unpack16(r0 + (kb + k) / 2, l, h);
+                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x1, q0);
+                    unpack16(r1 + (kb + k) / 2, l, h);
+                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x1, q1);
+                    unpack16(r0 + (kb + k) / 2 + 8, l, h);
+                    p0 = _mm256_fmadd_ps(l, x2, p0); q0 = _mm256_fmadd_ps(h, x3, q0);
+                    unpack16(r1 + (kb + k) / 2 + 8, l, h);
+                    p1 = _mm256_fmadd_ps(l, x2, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
+                }
+                if (k < gs) {  // gs % 32 == 16
+                    const float* xp = x + kb + k;
+                    __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+                    __m256 l, h;
+                    unpack16(r0 + (kb + k) / 2, l, h);
+                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x1, q0);
+                    unpack16(r1 + (kb + k) / 2, l, h);
+                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x1, q1);
+                }
+                if (g & 1) {
+                    tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tB0);
+                    tB1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tB1);
+                } else {
+                    tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tA0);
+                    tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tA1);
+                }
+            }
+            // Zero-point term sum_g scale*zo*xsum_g, vectorised over groups.
+            float zs[2];
+            for (int rr = 0; rr < 2; ++rr) {
+                const int64_t n = rr ? n1 : n0;
+                const float* sc = scale + n * G;
+                const uint8_t* z = zo + n * G;
+                __m256 acc = _mm256_setzero_ps();
+                int64_t g = 0;
+                for (; g + 8 <= G; g += 8) {
+                    __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + g))));
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), zf), _mm256_loadu_ps(xg + g), acc);
+                }
+                float t = hsum8(acc);
+                for (; g < G; ++g) t += sc[g] * (float)z[g] * xg[g];
+                zs[rr] = t;
+            }
+            float v0 = hsum8(_mm256_add_ps(tA0, tB0)) - zs[0];
+            y[n0] = bias ? v0 + bias[n0] : v0;
+            if (n1 != n0) {
+                float v1 = hsum8(_mm256_add_ps(tA1, tB1)) - zs[1];
+                y[n1] = bias ? v1 + bias[n1] : v1;
+            }
+        }
+        free(xg);
+    } else {
+        float* xg = (float*)malloc(sizeof(float) * G * M);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t g = 0; g < G; ++g) xg[m * G + g] = sum_f32(x + m * K + g * gs, gs);
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             const uint8_t* r = pk + n * (K / 2);
             const float* sc = scale + n * G;
             const uint8_t* z = zo + n * G;
-            __m256 tot = _mm256_setzero_ps();
-            float zs = 0.f;
-            for (int64_t g = 0; g < G; ++g) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-                const uint8_t* rg = r + g * (gs / 2);
-                const float* xgp = x + g * gs;
-                int64_t k = 0;
-                for (; k + 32 <= gs; k += 32) {
-                    __m256 l0, h0, l1, h1;
-                    unpack16(rg + k / 2, l0, h0);
-                    unpack16(rg + k / 2 + 8, l1, h1);
-                    a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xgp + k), a0);
-                    a1 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xgp + k + 8), a1);
-                    a2 = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xgp + k + 16), a2);
-                    a3 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xgp + k + 24), a3);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const float* xm = x + m0 * K;
+                const float* xgm = xg + m0 * G;
+                float* ym = y + m0 * N;
+                switch (M - m0 >= 4 ? 4 : M - m0) {
+                    case 4: w4_row_mt<4>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                    case 3: w4_row_mt<3>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                    case 2: w4_row_mt<2>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                    default: w4_row_mt<1>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
                 }
-                if (k < gs) {  // gs % 32 == 16
-                    __m256 l0, h0;
-                    unpack16(rg + k / 2, l0, h0);
-                    a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xgp + k), a0);
-                    a1 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xgp + k + 8), a1);
-                }
-                __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-                tot = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), a, tot);
-                zs += sc[g] * (float)z[g] * xg[g];
             }
-            float v = hsum8(tot) - zs;
-            y[n] = bias ? v + bias[n] : v;
         }
         free(xg);
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-            float* w = (float*)aligned_alloc(64, sizeof(float) * ((K + 15) / 16 * 16));
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; ++n) {
-                const uint8_t* r = pk + n * (K / 2);
-                for (int64_t g = 0; g < G; ++g) {
-                    __m256 s = _mm256_set1_ps(scale[n * G + g]);
-                    __m256 zz = _mm256_set1_ps((float)zo[n * G + g]);
-                    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-                        __m256 l, h;
-                        unpack16(r + k / 2, l, h);
-                        _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
-                        _mm256_storeu_ps(w + k + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
-                    }
-                }
-                for (int64_t m = 0; m < M; ++m) {
-                    float v = dot_f32(w, x + m * K, K);
-                    y[m * N + n] = bias ? v + bias[n] : v;
-                }
-            }
-            free(w);
-        }
     }
 }
 
