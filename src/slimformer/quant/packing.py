@@ -18,9 +18,21 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flatten and pack uint8 codes (< 2**bits) into ``packed_nbytes`` uint8 bytes."""
-    flat = codes.reshape(-1).to(torch.int64)
     if bits == 8:
-        return flat.to(torch.uint8)
+        return codes.reshape(-1).to(torch.uint8)
+    if 8 % bits == 0:
+        # Same layout as the general path, built with cheap uint8 shifts (2 and 4 bits).
+        per_byte = 8 // bits
+        flat = codes.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        lanes = flat.reshape(-1, per_byte)
+        packed = lanes[:, 0].clone()
+        for lane in range(1, per_byte):
+            packed |= lanes[:, lane] << (lane * bits)
+        return packed
+    flat = codes.reshape(-1).to(torch.int64)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
