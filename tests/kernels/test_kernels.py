@@ -108,7 +108,9 @@ def test_int4_prefill(group):
 @pytest.mark.parametrize("n,k", [(576, 576), (7, 96), (1, 64), (33, 100), (576, 1536)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 64])
-def test_w8a8_exact(n, k, symmetric, m):
+@pytest.mark.parametrize("int_mm_min_m", [1, 10**9])  # torch._int_mm GEMM / our AVX2 maddubs kernel
+def test_w8a8_exact(n, k, symmetric, m, int_mm_min_m, monkeypatch):
+    monkeypatch.setattr(K, "W8A8_INT_MM_MIN_M", int_mm_min_m)
     codes, scale, zero = quant(n, k, 8, symmetric, None)
     packed = K.prepare_int8(codes, scale, zero, 8, symmetric)
     x = torch.randn(m, k) * 3

@@ -71,6 +71,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "sf_w4_dequant": [P, P, P, P, I64, I64, I64, INT],
         "sf_quant_act": [P, P, P, P, I64, I64],
         "sf_w8a8_linear": [P, P, P, P, P, P, P, P, I64, I64, I64, INT],
+        "sf_w8a8_rescale": [P, P, P, P, P, P, P, I64, I64, INT],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)

@@ -15,6 +15,9 @@
 #include <string.h>
 #include <stdlib.h>
 
+// Below this many weights a matvec runs on one thread (fork/join costs more).
+#define SMALL_WORK (64 * 1024)
+
 static inline float hsum8(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
     __m128 hi = _mm256_extractf128_ps(v, 1);
@@ -138,6 +141,7 @@ void sf_w8_linear(const int8_t* q, const float* scale, const float* corr, const 
     for (int64_t m = 0; m < M; ++m) xs[m] = sum_f32(x + m * K, K);
     if (M == 1) {
         const int64_t NP = (N + 1) / 2;
+        if (N * K < SMALL_WORK) nt = 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t np = 0; np < NP; ++np) {
             const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
@@ -219,6 +223,7 @@ void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, cons
         float* xg = (float*)malloc(sizeof(float) * G);
         for (int64_t g = 0; g < G; ++g) xg[g] = sum_f32(x + g * gs, gs);
         const int64_t NP = (N + 1) / 2;
+        if (N * K < SMALL_WORK) nt = 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t np = 0; np < NP; ++np) {
             const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
@@ -392,6 +397,19 @@ void sf_w8a8_linear(const int8_t* q, const float* sw, const int32_t* corr, const
                 float v = (float)acc * (sx[m] * sw[n]);
                 y[m * N + n] = bias ? v + bias[n] : v;
             }
+        }
+    }
+}
+
+// Epilogue for an int32 GEMM done elsewhere (torch._int_mm): same formula as above.
+void sf_w8a8_rescale(const int32_t* acc, const int32_t* corr, const int32_t* qsum, const float* sx,
+                     const float* sw, const float* bias, float* y, int64_t M, int64_t N, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (M * N > 16384)
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+            int32_t a = acc[m * N + n] + corr[n] * qsum[m];
+            float v = (float)a * (sx[m] * sw[n]);
+            y[m * N + n] = bias ? v + bias[n] : v;
         }
     }
 }
