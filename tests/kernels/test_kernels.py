@@ -187,3 +187,20 @@ def test_reference_fallback_when_kernels_unavailable(monkeypatch):
     with pytest.warns(RuntimeWarning):
         y = K.w8a8_linear(x, packed)
     torch.testing.assert_close(y, R.w8a8_linear(x, codes, scale, zero, 8, False))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_low_bit_group_codes_through_int4(bits, symmetric):
+    codes, scale, zero = quant(64, 192, bits, symmetric, 32)
+    packed = K.prepare_int4(codes, scale, zero, 32, symmetric, bits=bits)
+    for m in (1, 5, 20):
+        x = torch.randn(m, 192)
+        ref = R.int4_linear(x, codes, scale, zero, 32, symmetric, bits=bits)
+        assert rel_err(K.int4_linear(x, packed), ref) <= RTOL
+
+
+def test_int4_rejects_wide_codes():
+    codes, scale, zero = quant(4, 64, 8, True, 32)
+    with pytest.raises(ValueError, match="unpacked"):
+        K.prepare_int4(codes, scale, None, 32, True)

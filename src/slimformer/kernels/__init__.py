@@ -262,19 +262,24 @@ class PackedInt4:
 
 
 def prepare_int4(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
-                 symmetric: bool) -> PackedInt4:
+                 symmetric: bool, bits: int = 4) -> PackedInt4:
     """Repack stored 4-bit codes (``[N, K]`` uint8 in 0..15 — unpack the stored bytes
     first), scale ``[N, G]``, integer zero ``[N, G]`` (asymmetric) or None;
-    ``group_size`` None or K means per-channel."""
+    ``group_size`` None or K means per-channel. ``bits`` 2 or 3 also work (codes
+    are < 16; symmetric offset ``2^(bits-1)``) at 4-bit speed."""
     if codes_u8.dim() != 2:
         raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+    if not 2 <= bits <= 4:
+        raise ValueError(f"prepare_int4 takes 2- to 4-bit codes, got bits={bits}")
+    if codes_u8.numel() and int(codes_u8.max()) >= 2**bits:
+        raise ValueError(f"codes exceed {2**bits - 1}: are they {bits}-bit and unpacked?")
     N, K = codes_u8.shape
     gs = K if group_size is None else int(group_size)
     if K % gs:
         raise ValueError(f"group_size {gs} does not divide {K} input columns")
     G = K // gs
     scale = scale.float().reshape(-1, G).expand(N, G).contiguous()
-    offset = 0 if not symmetric else 8
+    offset = 2 ** (bits - 1) if symmetric else 0
     z = torch.zeros(N, G) if zero is None or not zero.numel() else zero.float().reshape(-1, G).expand(N, G)
     zo_f = z + offset
     ok_zero = torch.equal(zo_f, zo_f.round()) and float(zo_f.min()) >= 0 and float(zo_f.max()) <= 255

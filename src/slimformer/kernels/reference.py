@@ -22,12 +22,13 @@ def int8_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
 
 
 def int4_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
-                symmetric: bool) -> torch.Tensor:
+                symmetric: bool, bits: int = 4) -> torch.Tensor:
     n, k = codes.shape
     if group_size is None or group_size == k or scale.shape[-1] == 1:
-        spec = WeightSpec(bits=4, symmetric=symmetric, granularity="channel")
+        spec = WeightSpec(bits=bits, symmetric=symmetric, granularity="channel")
     else:
-        spec = WeightSpec(bits=4, symmetric=symmetric, granularity="group", group_size=group_size)
+        spec = WeightSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
+    scale = scale.float().reshape(-1, scale.shape[-1]).expand(n, -1)
     z = None if zero is None or not zero.numel() else zero.float()
     return dequantize_weight(codes, scale.float(), z, spec, codes.shape)
 
@@ -37,8 +38,8 @@ def int8_linear(x, codes, scale, zero=None, bits=8, symmetric=True, bias=None) -
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-def int4_linear(x, codes, scale, zero, group_size, symmetric, bias=None) -> torch.Tensor:
-    w = int4_weight(codes, scale, zero, group_size, symmetric)
+def int4_linear(x, codes, scale, zero, group_size, symmetric, bias=None, bits=4) -> torch.Tensor:
+    w = int4_weight(codes, scale, zero, group_size, symmetric, bits)
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
