@@ -204,3 +204,46 @@ def test_int4_rejects_wide_codes():
     codes, scale, zero = quant(4, 64, 8, True, 32)
     with pytest.raises(ValueError, match="unpacked"):
         K.prepare_int4(codes, scale, None, 32, True)
+
+
+def _fast_forward(module, x):
+    """The integration QuantLinear should use (see the kernels' hand-over note);
+    in QuantLinear the ``prepare_*`` call belongs in load/from_float, done once."""
+    spec, zero = module.weight_spec, (None if module.weight_spec.symmetric else module.zero)
+    group = spec.group_size if spec.granularity == "group" else None
+    if module.act_spec is not None and module.act_spec.dynamic and module.act_spec.bits == 8 and group is None:
+        packed = K.prepare_int8(module.codes(), module.scale, zero, spec.bits, spec.symmetric)
+        return K.w8a8_linear(x, packed, module.bias)  # dynamic per-token int8 activations
+    if module.act_spec is None and spec.bits <= 4:
+        packed = K.prepare_int4(module.codes(), module.scale, zero, group, spec.symmetric, bits=spec.bits)
+        return K.int4_linear(x, packed, module.bias)
+    if module.act_spec is None and group is None:
+        packed = K.prepare_int8(module.codes(), module.scale, zero, spec.bits, spec.symmetric)
+        return K.int8_linear(x, packed, module.bias)
+    return module(x)  # other formats (8-bit groups, static activations, ...): reference
+
+
+@pytest.mark.parametrize("spec,act", [
+    (WeightSpec(8, True, "channel"), None),
+    (WeightSpec(8, False, "channel"), None),
+    (WeightSpec(4, False, "group", 32), None),
+    (WeightSpec(4, True, "group", 64), None),
+    (WeightSpec(4, True, "channel"), None),
+    (WeightSpec(8, True, "tensor"), None),
+    (WeightSpec(4, False, "tensor"), None),
+    (WeightSpec(3, True, "group", 32), None),
+    (WeightSpec(6, False, "channel"), None),
+    (WeightSpec(8, True, "channel"), ActSpec(8, True, "token", True)),
+    (WeightSpec(8, False, "channel"), ActSpec(8, True, "token", True)),
+])
+def test_matches_quantlinear(spec, act):
+    from slimformer.quant.modules import QuantLinear
+
+    lin = torch.nn.Linear(192, 40, bias=True)
+    module = QuantLinear.from_float(lin.weight.data, lin.bias.data, spec, act)
+    for m in (1, 7, 33):
+        x = torch.randn(2, m, 192)
+        ref = module(x)
+        y = _fast_forward(module, x)
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) <= (1e-5 if act else RTOL)
