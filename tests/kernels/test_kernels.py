@@ -247,3 +247,14 @@ def test_matches_quantlinear(spec, act):
         y = _fast_forward(module, x)
         assert y.shape == ref.shape
         assert rel_err(y, ref) <= (1e-5 if act else RTOL)
+
+
+def test_w8a8_nan_token_gives_nan_row_like_reference():
+    codes, scale, zero = quant(16, 64, 8, True, None)
+    packed = K.prepare_int8(codes, scale, zero)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    y = K.w8a8_linear(x, packed)
+    ref = R.w8a8_linear(x, codes, scale, zero)
+    assert torch.isnan(ref[1]).all() and torch.isnan(y[1]).all()
+    torch.testing.assert_close(y[[0, 2]], ref[[0, 2]])

@@ -348,14 +348,21 @@ void sf_quant_act(const float* x, int8_t* qx, float* sx, int32_t* qsum, int64_t 
     for (int64_t m = 0; m < M; ++m) {
         const float* r = x + m * K;
         float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) { float a = fabsf(r[k]); amax = a > amax ? a : amax; }
+        bool nan = false;
+        for (int64_t k = 0; k < K; ++k) {
+            float a = fabsf(r[k]);
+            amax = a > amax ? a : amax;
+            nan |= a != a;
+        }
         float s = amax / 127.0f;
-        if (!(s >= 1e-12f)) s = 1e-12f;
+        if (s < 1e-12f) s = 1e-12f;
+        if (nan) s = NAN;  // as the reference: a token with a NaN gives a NaN row
         int32_t tot = 0;
         int8_t* o = qx + m * K;
         for (int64_t k = 0; k < K; ++k) {
             float v = nearbyintf(r[k] / s);
             v = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+            if (v != v) v = 0.f;  // NaN (or inf/inf): the row's scale carries it
             o[k] = (int8_t)v;
             tot += (int32_t)v;
         }
