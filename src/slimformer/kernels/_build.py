@@ -27,7 +27,8 @@ _error: str | None = None
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("SLIMFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slimformer")
+    """``$SLIMFORMER_CACHE/kernels``, else ``~/.cache/slimformer/kernels`` (as data/tokens.py)."""
+    base = os.environ.get("SLIMFORMER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimformer"
     return Path(base) / "kernels"
 
 
