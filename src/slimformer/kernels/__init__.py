@@ -6,16 +6,22 @@ than fp32 F.linear, and no library callable from torch does fast int4/int8 GEMV 
 such CPUs. Batch-1 decode is memory-bound, so reading 1 byte (int8) or ~0.6 byte
 (int4 + group scales) per weight instead of 4 is the whole win. The kernels are
 AVX2+FMA C++ with OpenMP (``_kernels.cpp``), built once with g++ and loaded via
-ctypes (``_build.py``); numba was measured too and was slower (see
-``benchmarks/kernels.py`` / ``benchmarks/results/kernels.json``).
+ctypes (``_build.py``). numba was measured too (``benchmarks/kernels.py`` →
+``benchmarks/results/kernels.json``): its auto-vectorised int8 matvec is on par or
+faster only where LLVM can use AVX-512 (the benchmark machine, an AMD EPYC Zen 4,
+does report avx512f/vnni even though the target was described as AVX2-only),
+and its int4 matvec (nibble unpacking) is ~10x slower than the C++ one; numba
+would also add a ~50 MB dependency and seconds of JIT per kernel. The kernels
+use only AVX2+FMA, so they run on any x86-64 CPU from Haswell/Zen 1 on.
 
 Dispatch by number of tokens M (rows of ``x``):
   * M <= ``SMALL_M``: fused kernels that read each weight row once for all tokens;
   * larger M (prefill): dequantise tiles of rows to fp32 with the C kernel and call
     torch's fp32 GEMM (measured fastest; dequant is a few % of the GEMM);
   * W8A8: activations quantised by our kernel (bit-identical to the reference
-    rounding), int8 x int8 -> int32 GEMM by ``torch._int_mm`` (exact; the one fast
-    int8 path torch has here) or our AVX2 maddubs kernel, rescale by our kernel.
+    rounding), int8 x int8 -> int32 GEMM by ``torch._int_mm`` (oneDNN; exact, and
+    measured ~4x faster than fp32 at M=512 — it may use VNNI where the CPU has
+    it) or, when that is missing, our AVX2 maddubs kernel; rescale by our kernel.
 
 Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
 Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
