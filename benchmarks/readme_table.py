@@ -34,7 +34,7 @@ def rtn_table(payload: dict) -> str:
         lines.append(
             f"| {r['name']} | {_fmt(wiki, '.2f')} | {'—' if delta is None else f'{delta:+.1f}%'} | "
             f"{_fmt(r.get('pydoc_perplexity'), '.2f')} | {_fmt(r.get('kl'), '.4f')} | "
-            f"{'—' if r.get('top1_agreement') is None else f'{100 * r['top1_agreement']:.1f}%'} | "
+            f"{_fmt(None if r.get('top1_agreement') is None else 100 * r['top1_agreement'], '.1f')}% | "
             f"{r['stored_bytes'] / 1e6:.1f} | {base['stored_bytes'] / r['stored_bytes']:.2f} | "
             f"{_fmt(r.get('compress_seconds'), '.1f')} |"
         )
@@ -52,7 +52,16 @@ def study_table(payload: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
-TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table}
+def lmeval_table(payload: dict) -> str:
+    lines = [f"Zero-shot scoring against lm-evaluation-harness {payload['lm_eval_version']} on the same examples "
+             f"(SmolLM2-135M fp32, first {payload['limit']} of each task; `benchmarks/lmeval_crosscheck.py`). "
+             f"Largest per-request log-likelihood difference: {max(payload['max_abs_loglikelihood_diff'].values()):.1e}.", "",
+             "| task | metric | slimformer | lm-eval |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['metric']} | {r['ours']:.4f} | {r['lm_eval']:.4f} |" for r in payload["table"]]
+    return "\n".join(lines)
+
+
+TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table}
 
 
 def render() -> str:

@@ -132,7 +132,7 @@ def test_4bit_file_is_about_an_eighth(family, tmp_path):
     stored = C.weight_bytes(out)
     assert result.stored_bytes == stored == (out / "model.safetensors").stat().st_size
 
-    # Tensor by tensor: packed 4-bit codes are exactly n/2 bytes; one fp32 scale per 16 weights.
+    # Tensor by tensor: packed 4-bit codes are exactly n/2 bytes; one fp16 scale per 16 weights.
     with safe_open(out / "model.safetensors", "pt") as f:
         sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
@@ -140,28 +140,29 @@ def test_4bit_file_is_about_an_eighth(family, tmp_path):
     assert len(qweight) == len(adapter_for(base).linears) * base.config.num_hidden_layers
     assert all(dtypes[k] == "U8" for k in qweight)
     assert sum(sizes[k][0] for k in qweight) == n // 2
-    scale_bytes = sum(4 * torch.Size(sizes[k]).numel() for k in sizes if k.endswith(".scale"))
-    assert scale_bytes == 4 * n // 16
+    assert all(dtypes[k] == "F16" for k in sizes if k.endswith(".scale"))
+    scale_bytes = sum(2 * torch.Size(sizes[k]).numel() for k in sizes if k.endswith(".scale"))
+    assert scale_bytes == 2 * n // 16
     assert not any(k.endswith(".weight") and k.rsplit(".", 2)[0] in _quant_modules(result.model) for k in sizes)
 
     # The file: the fp32 file with each projection's 4 bytes per weight replaced by 0.5 + scales.
     expected = fp32_bytes - 4 * n + n // 2 + scale_bytes
     assert abs(stored - expected) < 0.03 * expected, (stored, expected)
     assert stored < fp32_bytes
-    # Projections alone shrink by 4 / (0.5 + 4/16) ≈ 5.3x at g16, ≈ 7.1x at g64.
-    assert 5.0 < (4 * n) / (n // 2 + scale_bytes) < 5.5
+    # Projections alone shrink by 4 / (0.5 + 2/16) = 6.4x at g16, ≈ 7.5x at g64.
+    assert 6.3 < (4 * n) / (n // 2 + scale_bytes) < 6.5
 
 
-def test_4bit_g64_shrinks_projections_sevenfold(tmp_path):
+def test_4bit_g64_shrinks_projections_about_7_5_fold(tmp_path):
     recipe = parse_recipe("stages:\n  - RTN: {bits: 4, granularity: group, group_size: 64}\n", "w4-g64")
     base = tiny_model("llama")
     out = tmp_path / "w4"
     api.compress((base, tiny_tokenizer()), recipe, out, progress=False)
     n = _linear_params(tiny_model("llama"))
     with safe_open(out / "model.safetensors", "pt") as f:
-        quant = sum(torch.Size(f.get_slice(k).get_shape()).numel() * (1 if k.endswith("qweight") else 4)
+        quant = sum(torch.Size(f.get_slice(k).get_shape()).numel() * (1 if k.endswith("qweight") else 2)
                     for k in f.keys() if k.endswith((".qweight", ".scale", ".zero")))
-    assert 7.0 < 4 * n / quant < 7.2
+    assert 7.4 < 4 * n / quant < 7.6     # 4 / (0.5 + 2/64)
 
 
 def test_metadata(tmp_path):

@@ -36,16 +36,22 @@ def test_round_trip_error_is_at_most_half_a_step(spec, rows, groups, seed, scale
 
 @settings(max_examples=40, deadline=None)
 @given(spec=specs, seed=st.integers(0, 1000))
-def test_quantisation_is_idempotent(spec, seed):
+def test_symmetric_quantisation_is_idempotent(spec, seed):
+    # The stored float16 scale is rounded up by at most 2^-10 relative, so the largest
+    # code stays qmax (≤ 127) and a second pass finds the same scale. (Asymmetric grids
+    # can lose one code of range to that rounding, so they are not exactly idempotent.)
+    spec = WeightSpec(spec.bits, True, spec.granularity, spec.group_size)
     w = torch.randn(4, 32, generator=torch.Generator().manual_seed(seed))
     once = fake_quantize_weight(w, spec)
     torch.testing.assert_close(fake_quantize_weight(once, spec), once, atol=1e-5, rtol=1e-5)
 
 
-def test_symmetric_grid_keeps_the_absolute_maximum():
+def test_symmetric_grid_keeps_the_absolute_maximum_up_to_float16_scale_rounding():
     w = torch.tensor([[0.1, -2.0, 0.5, 1.0]])
     deq = fake_quantize_weight(w, WeightSpec(4, True, "channel"))
-    assert deq[0, 1].item() == pytest.approx(-2.0, rel=1e-6)
+    assert deq[0, 1].item() == pytest.approx(-2.0, rel=2**-10)
+    codes, scale, _ = quantize_weight(w, WeightSpec(4, True, "channel"))
+    assert scale.item() >= 2.0 / 7 and torch.equal(scale, scale.half().float())
 
 
 def test_asymmetric_grid_represents_zero_exactly():

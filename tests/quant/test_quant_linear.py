@@ -35,3 +35,10 @@ def test_config_round_trip_rebuilds_the_same_module():
     clone.load_state_dict(q.state_dict())
     x = torch.randn(2, 32)
     assert torch.equal(clone(x), q(x))
+
+
+def test_asymmetric_4bit_g32_stores_five_bits_per_weight_like_q4_1():
+    q = QuantLinear.from_float(torch.randn(64, 128), None, WeightSpec(4, False, "group", 32))
+    stored = sum(t.numel() * t.element_size() for t in (q.qweight, q.scale, q.zero))
+    assert q.scale.dtype == torch.float16 and q.zero.dtype == torch.uint8
+    assert stored * 8 / (64 * 128) == pytest.approx(4 + 16 / 32 + 8 / 32)   # 4.75 bits (Q4_1: 5)

@@ -19,8 +19,9 @@ from slimformer.quant.spec import ActSpec, WeightSpec
 class QuantLinear(nn.Module):
     """``y = act_q(x) @ dequant(W)ᵀ + b`` with W held as packed ``bits``-bit codes.
 
-    Buffers (what is saved): ``qweight`` (uint8 packed), ``scale``, ``zero``, ``bias``
-    and, for static activation quantisation, ``act_scale``/``act_zero``.
+    Buffers (what is saved): ``qweight`` (uint8 packed), ``scale`` (float16), ``zero``
+    (uint8, asymmetric only), ``bias`` and, for static activation quantisation,
+    ``act_scale``/``act_zero``.
     """
 
     def __init__(
@@ -40,10 +41,10 @@ class QuantLinear(nn.Module):
         rows = 1 if weight_spec.granularity == "tensor" else out_features
         n_groups = groups[weight_spec.granularity]
         self.register_buffer("qweight", torch.zeros(packing.packed_nbytes(numel, weight_spec.bits), dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float16))
         # Symmetric formats have no zero-point; keep an empty buffer so nothing is stored.
         zero_shape = (0,) if weight_spec.symmetric else (rows, n_groups)
-        self.register_buffer("zero", torch.zeros(zero_shape, dtype=torch.float32))
+        self.register_buffer("zero", torch.zeros(zero_shape, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         static = act_spec is not None and not act_spec.dynamic
         self.register_buffer("act_scale", torch.ones(()) if static else None)
@@ -68,8 +69,8 @@ class QuantLinear(nn.Module):
         if codes is None:
             codes, scale, zero = quantize_weight(weight, weight_spec)
         module.qweight = packing.pack(codes, weight_spec.bits)
-        module.scale = scale.float().contiguous()
-        module.zero = zero.float().contiguous() if not weight_spec.symmetric else module.zero
+        module.scale = scale.to(torch.float16).contiguous()
+        module.zero = zero.to(torch.uint8).contiguous() if not weight_spec.symmetric else module.zero
         if bias is not None:
             module.bias = bias.detach().clone()
         return module

@@ -3,6 +3,8 @@
 Weights are ``[out, in]``. Scales/zero-points have shape ``[out, n_groups]``
 (per-channel: one group spanning all columns; per-tensor: a ``[1, 1]`` broadcast).
 Asymmetric quantisation uses an integer zero-point, like GGUF's Q4_1 family.
+Scales are stored in float16 and zero-points in uint8 (as GGUF stores its block
+scales), so codes are chosen against the float16-rounded scale.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from slimformer.errors import QuantConfigError
 from slimformer.quant.spec import ActSpec, WeightSpec
 
 _EPS = 1e-12
+_MIN_STORED_SCALE = 2.0**-24   # the smallest float16 subnormal: a stored scale is never 0
 
 
 def group_view(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -45,15 +48,23 @@ def choose_qparams(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[t
     return scale, zero
 
 
+def _round_up_to_float16(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest float16 value not below ``scale``: the grid still spans the range."""
+    half = scale.to(torch.float16)
+    up = torch.nextafter(half, torch.full_like(half, float("inf")))
+    return torch.where(half.float() < scale, up, half).float()
+
+
 def quantize_weight(
     weight: torch.Tensor, spec: WeightSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round to nearest. Returns (codes ``[out, in]`` as uint8 in ``0..2^bits-1``,
-    scale ``[out|1, groups]``, zero ``[out|1, groups]``) — codes are stored unsigned;
-    symmetric codes are offset by ``2^(bits-1)``."""
+    scale ``[out|1, groups]`` (float32 holding float16 values), zero ``[out|1, groups]``
+    (integers)) — codes are stored unsigned; symmetric codes are offset by ``2^(bits-1)``."""
     w = weight.detach().float()
     grouped = group_view(w, spec)
     scale, zero = choose_qparams(grouped, spec.bits, spec.symmetric)
+    scale = _round_up_to_float16(scale.clamp_min(_MIN_STORED_SCALE))
     q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     q = q.clamp(spec.qmin, spec.qmax) if spec.symmetric else q.clamp(0, spec.qmax)
     offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
@@ -69,10 +80,10 @@ def dequantize_weight(
     offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
     q = group_view(codes.reshape(shape).to(torch.float32), spec)
     if zero is not None and zero.numel():
-        q.sub_(zero.unsqueeze(-1) + offset)
+        q.sub_(zero.float().unsqueeze(-1) + offset)
     elif offset:
         q.sub_(offset)
-    return q.mul_(scale.unsqueeze(-1)).reshape(shape)
+    return q.mul_(scale.float().unsqueeze(-1)).reshape(shape)
 
 
 def fake_quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
