@@ -11,8 +11,26 @@ WeightGranularity = Literal["tensor", "channel", "group"]
 ActGranularity = Literal["tensor", "token"]
 
 
+class _IntegerGrid:
+    """The integer range of a ``bits``-wide grid: signed when symmetric, else unsigned."""
+
+    bits: int
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class WeightSpec:
+class WeightSpec(_IntegerGrid):
     """Weight quantisation: ``bits`` in 2..8; scales per tensor, per output channel
     (row of an ``[out, in]`` weight), or per group of ``group_size`` input columns."""
 
@@ -36,24 +54,13 @@ class WeightSpec:
         elif self.group_size is not None:
             raise QuantConfigError("group_size is only valid with granularity: group")
 
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def describe(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         return f"w{self.bits}-{gran}-{'sym' if self.symmetric else 'asym'}"
 
 
 @dataclass(frozen=True)
-class ActSpec:
+class ActSpec(_IntegerGrid):
     """Activation quantisation of a Linear's input: per tensor or per token; dynamic
     (scale from each input) or static (scale fixed from calibration)."""
 
@@ -71,14 +78,3 @@ class ActSpec:
             )
         if not self.dynamic and self.granularity == "token":
             raise QuantConfigError("static activation scales are per tensor; use granularity: tensor")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
