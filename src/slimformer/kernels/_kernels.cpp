@@ -140,44 +140,25 @@ void sf_w8_linear(const int8_t* q, const float* scale, const float* corr, const 
     float* xs = (float*)malloc(sizeof(float) * (M > 0 ? M : 1));
     for (int64_t m = 0; m < M; ++m) xs[m] = sum_f32(x + m * K, K);
     if (M == 1) {
-        const int64_t NP = (N + 1) / 2;
+        // One row at a time, 8 independent accumulators over 64 columns (measured
+        // ~10% faster than two rows sharing x loads).
         if (N * K < SMALL_WORK) nt = 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t np = 0; np < NP; ++np) {
-            const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
-            const int8_t* r0 = q + n0 * K;
-            const int8_t* r1 = q + n1 * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-            __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        for (int64_t n = 0; n < N; ++n) {
+            const int8_t* r = q + n * K;
+            __m256 a[8];
+            for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
             int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-                __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
-                a0 = _mm256_fmadd_ps(ld_i8(r0 + k), x0, a0);
-                b0 = _mm256_fmadd_ps(ld_i8(r1 + k), x0, b0);
-                a1 = _mm256_fmadd_ps(ld_i8(r0 + k + 8), x1, a1);
-                b1 = _mm256_fmadd_ps(ld_i8(r1 + k + 8), x1, b1);
-                a2 = _mm256_fmadd_ps(ld_i8(r0 + k + 16), x2, a2);
-                b2 = _mm256_fmadd_ps(ld_i8(r1 + k + 16), x2, b2);
-                a3 = _mm256_fmadd_ps(ld_i8(r0 + k + 24), x3, a3);
-                b3 = _mm256_fmadd_ps(ld_i8(r1 + k + 24), x3, b3);
-            }
-            for (; k + 8 <= K; k += 8) {
-                __m256 x0 = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(ld_i8(r0 + k), x0, a0);
-                b0 = _mm256_fmadd_ps(ld_i8(r1 + k), x0, b0);
-            }
-            float s0 = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-            float s1 = hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
-            for (; k < K; ++k) { s0 += (float)r0[k] * x[k]; s1 += (float)r1[k] * x[k]; }
-            float v0 = scale[n0] * (s0 + corr[n0] * xs[0]);
-            y[n0] = bias ? v0 + bias[n0] : v0;
-            if (n1 != n0) {
-                float v1 = scale[n1] * (s1 + corr[n1] * xs[0]);
-                y[n1] = bias ? v1 + bias[n1] : v1;
-            }
+            for (; k + 64 <= K; k += 64)
+                for (int i = 0; i < 8; ++i)
+                    a[i] = _mm256_fmadd_ps(ld_i8(r + k + 8 * i), _mm256_loadu_ps(x + k + 8 * i), a[i]);
+            for (; k + 8 <= K; k += 8) a[0] = _mm256_fmadd_ps(ld_i8(r + k), _mm256_loadu_ps(x + k), a[0]);
+            __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                     _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
+            float s = hsum8(t);
+            for (; k < K; ++k) s += (float)r[k] * x[k];
+            float v = scale[n] * (s + corr[n] * xs[0]);
+            y[n] = bias ? v + bias[n] : v;
         }
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
