@@ -16,6 +16,10 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _percent(fraction) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def rtn_table(payload: dict) -> str:
     rows = payload["rows"]
     base = rows[0]
@@ -34,7 +38,7 @@ def rtn_table(payload: dict) -> str:
         lines.append(
             f"| {r['name']} | {_fmt(wiki, '.2f')} | {'—' if delta is None else f'{delta:+.1f}%'} | "
             f"{_fmt(r.get('pydoc_perplexity'), '.2f')} | {_fmt(r.get('kl'), '.4f')} | "
-            f"{_fmt(None if r.get('top1_agreement') is None else 100 * r['top1_agreement'], '.1f')}% | "
+            f"{_percent(r.get('top1_agreement'))} | "
             f"{r['stored_bytes'] / 1e6:.1f} | {base['stored_bytes'] / r['stored_bytes']:.2f} | "
             f"{_fmt(r.get('compress_seconds'), '.1f')} |"
         )
