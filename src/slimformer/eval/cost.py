@@ -22,6 +22,15 @@ import torch
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process. ``VmHWM`` first: a child started by fork +
+    exec reports its parent's size at fork time in ``ru_maxrss``, but a fresh ``VmHWM``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

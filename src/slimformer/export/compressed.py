@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_model
 
 from slimformer.errors import ModelLoadError
 from slimformer.export.atomic import atomic_directory
@@ -72,7 +73,11 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
         raise ModelLoadError(f"{path}: unsupported slimformer format {meta.get('format_version')!r}")
     try:
         config = AutoConfig.from_pretrained(str(path))
-        model = _model_class(config).from_config(config, dtype=dtype)
+        # Parameters on the meta device (buffers stay real): no fp32 copy of the weights
+        # that are about to be replaced by packed ones is ever allocated.
+        with init_empty_weights(include_buffers=False):
+            model = _model_class(config).from_config(config, dtype=dtype)
+        model.tie_weights()   # on meta, so the tied groups below are known
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild model from {path}: {_first_line(exc)}") from None
     for name, cfg in meta["modules"].items():
@@ -80,10 +85,26 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
         if cls is None:
             raise ModelLoadError(f"{path}: unknown module type {cfg.get('type')!r} at {name}")
         set_module(model, name, cls.from_config(cfg, dtype))
+    # Tied parameters (embedding / LM head) are one object under several names; the
+    # file holds them once, so the other names are pointed at the loaded tensor.
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
     try:
-        load_model(model, str(path / WEIGHTS_FILE), strict=True)
+        state = load_file(str(path / WEIGHTS_FILE))
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        for names in tied.values():
+            stored = [n for n in names if n in state]
+            for name in names:
+                if stored and name not in state:
+                    owner, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(owner), attr, model.get_parameter(stored[0]))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from {path}: {_first_line(exc)}") from None
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing or unexpected:
+        problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise ModelLoadError(f"cannot load weights from {path}: {problem}")
     model.slimformer_meta = meta
     return model, tokenizer

@@ -1,0 +1,24 @@
+import torch
+
+from slimformer.eval import cost
+from slimformer.models.tiny import tiny_model, tiny_tokenizer
+
+
+def test_a_measured_child_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    ballast = torch.ones(700 * 2**20 // 4)   # 700 MiB resident in the parent
+    assert cost.peak_rss_bytes() > 700 * 2**20
+    measured = cost.measure_in_subprocess(str(path), prompt_len=16, new_tokens=3, repeats=1)
+    assert measured["peak_rss_bytes"] < 600 * 2**20
+    assert measured["decode_tokens_per_s"] > 0 and measured["prefill_tokens_per_s"] > 0
+    del ballast
+
+
+def test_decode_rate_cancels_prefill_and_set_up():
+    model = tiny_model("llama")
+    result = cost.measure_speed(model, prompt_len=16, new_tokens=5, repeats=1)
+    assert result["decode_latency_ms"] == 1000 / result["decode_tokens_per_s"]
+    lo, hi = result["decode_tokens_per_s_range"]
+    assert lo <= result["decode_tokens_per_s"] <= hi
