@@ -1,15 +1,21 @@
 """QuantLinear: a Linear that stores packed integer weights and computes correctly.
 
-This is the reference path: the weight is unpacked and dequantised per forward,
-one layer at a time, so memory stays at the packed size. Fast kernels come from
-``slimformer.kernels`` (runtime issue) and must match this module's output.
+``forward`` runs the fast CPU kernels of ``slimformer.kernels`` (weight-only int8,
+int2-4 group-wise, dynamic per-token W8A8), repacked into their runtime layout on
+first use. ``forward_reference`` unpacks and dequantises the weight and calls
+``F.linear``: the definition the kernels are tested against, and the path for
+formats no kernel covers (5-7 bits in groups, static activation scales).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from slimformer import kernels
 
 from slimformer.quant import packing
 from slimformer.quant.primitives import dequantize_weight, fake_quantize_activation, quantize_weight
@@ -83,10 +89,43 @@ class QuantLinear(nn.Module):
         shape = torch.Size((self.out_features, self.in_features))
         return dequantize_weight(self.codes(), self.scale, self.zero, self.weight_spec, shape).to(self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_spec is not None:
             x = fake_quantize_activation(x, self.act_spec, self.act_scale, self.act_zero)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runtime is None:
+            self._runtime = self._prepare_runtime()
+        kernel, packed = self._runtime
+        if kernel is None:
+            return self.forward_reference(x)
+        return kernel(x, packed, self.bias).to(x.dtype)
+
+    _runtime: tuple | None = None   # (kernel, packed weight), built on first forward
+
+    def _prepare_runtime(self) -> tuple:
+        """Pick the kernel for this format and repack the weight for it (once)."""
+        spec, act = self.weight_spec, self.act_spec
+        if not kernels.kernels_available():
+            _warn_no_kernels()
+            return None, None
+        zero = None if spec.symmetric else self.zero
+        group = spec.group_size if spec.granularity == "group" else None
+        per_row = spec.granularity != "group"
+        if act is not None:
+            if act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token" and per_row:
+                return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+            return None, None
+        if spec.bits <= 4:
+            return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric, bits=spec.bits)
+        if per_row:
+            return kernels.int8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+        return None, None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._runtime = None   # new weights: repack on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         act = "" if self.act_spec is None else f", act=a{self.act_spec.bits}-{self.act_spec.granularity}"
@@ -107,3 +146,14 @@ class QuantLinear(nn.Module):
     def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
         act = ActSpec(**cfg["act"]) if cfg.get("act") else None
         return cls(cfg["in_features"], cfg["out_features"], WeightSpec(**cfg["weight"]), act, cfg["bias"], dtype)
+
+
+_warned_no_kernels = False
+
+
+def _warn_no_kernels() -> None:
+    global _warned_no_kernels
+    if not _warned_no_kernels:
+        _warned_no_kernels = True
+        warnings.warn(f"slimformer.kernels unavailable ({kernels.load_error()}); "
+                      "quantised layers use the slow reference path", RuntimeWarning, stacklevel=3)
