@@ -65,7 +65,22 @@ def lmeval_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table}
+def kernels_table(payload: dict) -> str:
+    cold, summed = payload["cold_decode_pass_M1"], payload["model_sum_30_layers_plus_lm_head"]
+    lines = [f"CPU matmul kernels on SmolLM2-135M's linear shapes (`benchmarks/kernels.py` → "
+             f"`benchmarks/results/kernels.json`; 2 threads; streaming read {payload['stream_read_GBps']:.1f} GB/s). "
+             "Decode: one token through 30 distinct layers + LM head (weights streamed from memory, as in real decoding). "
+             "Prefill: sum over the model's shapes at 512 tokens. Linear layers only, not end-to-end decode.", "",
+             "| format | weight MB read / token | decode ms | decode × fp32 | prefill × fp32 |", "|---|---|---|---|---|"]
+    for name, row in cold.items():
+        prefill = summed["M=512"].get(name, {}).get("speedup_vs_fp32")
+        lines.append(f"| {name} | {row['weight_bytes'] / 1e6:.1f} | {row['median_ms']:.2f} | "
+                     f"{row['speedup_vs_fp32']:.2f} | {_fmt(prefill, '.2f')} |")
+    return "\n".join(lines)
+
+
+TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
+          "kernels.json": kernels_table}
 
 
 def render() -> str:
