@@ -311,7 +311,7 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
             _warn_fallback("int4", (N, K), f"kernels unavailable ({load_error()})")
         return F.linear(x.float(), packed.dequantize(), _prep_bias(bias)).to(x.dtype)
     x2, b = _prep_x(x, K), _prep_bias(bias)
-    M, gs, G = x2.shape[0], packed.group_size, K // packed.group_size
+    M, gs = x2.shape[0], packed.group_size
     if M <= SMALL_M["int4"]:
         y = torch.empty(M, N, dtype=torch.float32)
         lib.sf_w4_linear(packed.packed.data_ptr(), packed.scale.data_ptr(), packed.zo.data_ptr(), x2.data_ptr(),

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import contextlib
 
-import torch
-
 from slimformer.core.runner import run_transforms
 from slimformer.models.adapters import adapter_for
 from slimformer.quant.primitives import fake_quantize_activation
