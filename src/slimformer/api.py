@@ -16,7 +16,7 @@ import torch
 
 from slimformer.core.runner import RunResult, run_transforms
 from slimformer.core.transform import Needs, check_targets
-from slimformer.data import calibration_samples, eval_windows, load_text, tokenize
+from slimformer.data import calibration_set, eval_windows, held_out_sentences, load_text, tokenize
 from slimformer.errors import DataError, QuantConfigError
 from slimformer.eval import cost
 from slimformer.eval.perplexity import perplexity
@@ -52,12 +52,6 @@ class CompressResult:
     calibration: dict | None = field(default=None)
 
 
-def calibration_data(tokenizer, calib: str, samples: int, seqlen: int, seed: int | None) -> tuple[torch.Tensor, dict]:
-    source = load_text(calib, role="calib")
-    ids = calibration_samples(tokenize(source, tokenizer), samples, seqlen, seed)
-    return ids, {**source.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
-
-
 def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples: int = 128,
              seqlen: int = 512, calib_seed: int | None = None, overwrite: bool = False,
              progress: bool = True, inplace: bool = False, source_name: str | None = None) -> CompressResult:
@@ -76,7 +70,7 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
     if needs_data:
         if calib is None:
             raise DataError(f"recipe {recipe.name} needs calibration data: pass --calib DATA")
-        calib_ids, calib_meta = calibration_data(tokenizer, calib, calib_samples, seqlen, calib_seed)
+        calib_ids, calib_meta = calibration_set(tokenizer, calib, calib_samples, seqlen, calib_seed)
     run = run_transforms(target, recipe.stages, calib_ids, progress=progress)
     result = CompressResult(target, tokenizer, recipe, run, calibration=calib_meta)
     if out is not None:
@@ -116,7 +110,7 @@ def evaluate(model, data: str | None = "pydoc", *, seqlen: int = 512, windows: i
             if ref is not None:
                 from slimformer.eval.embeddings import embedding_cosine, encode
 
-                sentences = sentences_from(text.text)
+                sentences = held_out_sentences(text.text)
                 result["embedding_cosine"] = embedding_cosine(encode(ref, tokenizer, sentences),
                                                               encode(loaded, tokenizer, sentences))
     if tasks:
@@ -173,15 +167,6 @@ def resolve_task_data(task_data) -> Path:
     if not path.is_dir():
         raise DataError(f"task data directory not found: {path}")
     return path
-
-
-def sentences_from(text: str, n: int = 256) -> list[str]:
-    """Held-out sentences for encoder fidelity: the first ``n`` lines of 5–60 words."""
-    lines = [line.strip() for line in text.splitlines()]
-    picked = [line for line in lines if 5 <= len(line.split()) <= 60][:n]
-    if not picked:
-        raise DataError("data holds no lines of 5–60 words to embed")
-    return picked
 
 
 def run_meta(source: str, data: dict, seqlen: int, windows: int, argv=None) -> dict:

@@ -107,3 +107,12 @@ def _wikitext2(role: Role) -> TextSource:
     except Exception as exc:
         raise DataError(f"cannot load wikitext2 ({split}) from the hub: {str(exc).splitlines()[0]}") from None
     return TextSource(f"wikitext2:{split}", "".join(rows))
+
+
+def held_out_sentences(text: str, n: int = 256) -> list[str]:
+    """Sentences for encoder fidelity: the first ``n`` lines of 5–60 words."""
+    lines = [line.strip() for line in text.splitlines()]
+    picked = [line for line in lines if 5 <= len(line.split()) <= 60][:n]
+    if not picked:
+        raise DataError("data holds no lines of 5–60 words to embed")
+    return picked

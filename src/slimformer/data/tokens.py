@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimformer.data.sources import TextSource
+from slimformer.cache import cache_root
+from slimformer.data.sources import TextSource, load_text
 from slimformer.errors import DataError
 
 _MEMORY_CACHE: dict[str, torch.Tensor] = {}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SLIMFORMER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimformer"
-    return Path(root) / "tokens"
+    return cache_root() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -103,3 +103,10 @@ def calibration_samples(tokens: torch.Tensor, n: int, seqlen: int, seed: int | N
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen, (n,), generator=generator)
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_set(tokenizer, data: str, samples: int, seqlen: int, seed: int | None) -> tuple[torch.Tensor, dict]:
+    """``[samples, seqlen]`` calibration ids from DATA, and a description to store with results."""
+    source = load_text(data, role="calib")
+    ids = calibration_samples(tokenize(source, tokenizer), samples, seqlen, seed)
+    return ids, {**source.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}

@@ -116,9 +116,10 @@ def _child(argv: list[str]) -> None:
     source, prompt_len, new_tokens, repeats = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     if os.environ.get("SLIMFORMER_THREADS"):
         torch.set_num_threads(int(os.environ["SLIMFORMER_THREADS"]))
+    from slimformer.models.adapters import adapter_for
+
     model, _ = load(source)
-    decoder = hasattr(model, "generate") and model.config.is_encoder_decoder is False and hasattr(model, "lm_head")
-    result = measure_speed(model, prompt_len, new_tokens, repeats, decode=decoder)
+    result = measure_speed(model, prompt_len, new_tokens, repeats, decode=adapter_for(model).is_decoder)
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))

@@ -10,7 +10,7 @@ def describe(model) -> dict:
     adapter = adapter_for(model)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     shape = ModelShape.from_config(model.config, params)
-    swapped = getattr(model, "slimformer_meta", {}).get("modules", {}) if hasattr(model, "slimformer_meta") else {}
+    swapped = getattr(model, "slimformer_meta", {}).get("modules", {})
     return {
         "family": adapter.family,
         "model_type": model.config.model_type,
@@ -40,10 +40,10 @@ def inspect_model(model, tokenizer, args) -> dict:
         print(f"  KV cache  {p['kv_cache_bytes'] / 1e9:10.3f} GB ({p['kv_bytes_per_token']:,} bytes/token)")
         print(f"  KV/weights {p['kv_to_weights']:.2f}×")
     if args.outliers:
-        from slimformer.api import calibration_data
+        from slimformer.data import calibration_set
         from slimformer.eval.outliers import channel_absmax, outlier_table
 
-        calib, meta = calibration_data(tokenizer, args.calib, args.calib_samples, args.seqlen, None)
+        calib, meta = calibration_set(tokenizer, args.calib, args.calib_samples, args.seqlen, None)
         rows = outlier_table(channel_absmax(model, calib, progress=not args.quiet))
         result["outliers"] = {"calibration": meta, "layers": rows}
         print(f"\n{'layer':44s} {'max|x|':>9s} {'median':>8s} {'≥6':>5s} {'≥20×med':>8s}")

@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from slimformer.cache import cache_root
+
 _SRC = Path(__file__).with_name("_kernels.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
@@ -27,9 +29,7 @@ _error: str | None = None
 
 
 def cache_dir() -> Path:
-    """``$SLIMFORMER_CACHE/kernels``, else ``~/.cache/slimformer/kernels`` (as data/tokens.py)."""
-    base = os.environ.get("SLIMFORMER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimformer"
-    return Path(base) / "kernels"
+    return cache_root() / "kernels"
 
 
 def cpu_has_avx2_fma() -> bool:

@@ -33,8 +33,7 @@ def quantized_activations(model, spec: ActSpec):
 
 
 def study_w8a8(model, tokenizer, data: str, seqlen: int = 512, windows: int = 8, progress: bool = True) -> dict:
-    from slimformer.api import sentences_from
-    from slimformer.data import eval_windows, load_text, tokenize
+    from slimformer.data import eval_windows, held_out_sentences, load_text, tokenize
 
     adapter = adapter_for(model)
     text = load_text(data, role="eval")
@@ -56,7 +55,7 @@ def study_w8a8(model, tokenizer, data: str, seqlen: int = 512, windows: int = 8,
     else:
         from slimformer.eval.embeddings import embedding_cosine, encode
 
-        sentences = sentences_from(text.text)
+        sentences = held_out_sentences(text.text)
         reference = encode(model, tokenizer, sentences)
 
         def score(m):
