@@ -16,4 +16,8 @@ def __getattr__(name):
         from slimformer import api
 
         return getattr(api, name)
+    if name == "generate":
+        from slimformer.runtime.generate import generate
+
+        return generate
     raise AttributeError(name)

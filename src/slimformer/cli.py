@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slimformer.errors import SlimformerError
 from slimformer.export.atomic import check_output_dir
+from slimformer.runtime import ENGINES
 
 TASK_CHOICES = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "stsb")
 
@@ -106,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bytes", type=float, default=2, help="bytes per cached key/value element (default 2)")
     p.add_argument("--json", dest="json_path")
 
+    p = sub.add_parser("generate", help="generate text (native KV-cached decoder for Llama-family models)")
+    model_arg(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat the flag for a batch")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default 128")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--truncate", action="store_true", help="drop the start of a prompt longer than the context")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="native (Llama family), hf, or auto (default)")
+    p.add_argument("--weights", choices=("auto", "gguf", "dequantized"), default="auto",
+                   help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
+    p.add_argument("--json", dest="json_path", help="write the generations as JSON here")
+
     sub.add_parser("recipes", help="list the built-in recipes")
 
     p = sub.add_parser("study-w8a8", help="W8A32 vs W32A8 vs W8A8: how much activation quantisation hurts")
@@ -142,6 +161,8 @@ def run(args) -> int:
         for name in builtin_recipes():
             print(f"{name:18s} {load_recipe(name).description}")
         return 0
+    if args.command == "generate":
+        return _generate(args)
     # Cheap checks first, so a typo or a forgotten flag does not cost a model load.
     recipe = None
     if args.command == "compress":
@@ -196,6 +217,32 @@ def run(args) -> int:
 
         result = study_w8a8(source[0], source[1], args.data, args.seqlen, args.windows, progress)
         _write_json(args.json_path, result)
+    return 0
+
+
+def _generate(args) -> int:
+    from slimformer.runtime.generate import Generator, SamplingConfig
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop),
+                    truncate=args.truncate)
+    SamplingConfig(**sampling)  # bad values fail before the model loads
+    if args.stream and len(args.prompt) > 1:
+        raise SlimformerError("--stream takes one --prompt")
+    gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights, trust_pickle=args.trust_pickle)
+    prompts = args.prompt
+    if args.chat:
+        prompts = [gen.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+    if args.stream:
+        for piece in gen.stream(prompts[0], **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = gen.generate(prompts, **sampling)
+    for i, r in enumerate(results):
+        print(r.text if len(results) == 1 else f"[{i}] {r.text}")
+    _write_json(args.json_path, {"engine": gen.engine_name, "generations": [vars(r) for r in results]})
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Compile ``_kernels.cpp`` once with g++ and load it with ctypes.
+"""Compile ``_kernels.cpp`` (and the runtime's ``_decoder.cpp``) once with g++ and load them with ctypes.
 
 Why not ``torch.utils.cpp_extension.load``: the kernels need no torch headers, and
 including them makes the first compile take ~40 s on a 2-core machine (plus a
@@ -40,22 +40,22 @@ def cpu_has_avx2_fma() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
-def _compile() -> Path:
-    src = _SRC.read_bytes()
+def _compile(src_path: Path = _SRC) -> Path:
+    src = src_path.read_bytes()
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     key = hashlib.sha256(src + " ".join([cxx, *_FLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"slimformer_kernels_{key}.so"
+    out = cache_dir() / f"slimformer_{src_path.stem.lstrip('_')}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *_FLAGS, str(src_path), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SRC.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {src_path.name} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -78,6 +78,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = None
+
+
+def load_library(src_path: Path) -> ctypes.CDLL:
+    """Compile (cached) and load another C++ source of the package with the same flags.
+    Raises RuntimeError when kernels are disabled, the CPU lacks AVX2/FMA or the build fails."""
+    if os.environ.get("SLIMFORMER_DISABLE_KERNELS"):
+        raise RuntimeError("disabled by SLIMFORMER_DISABLE_KERNELS")
+    if not cpu_has_avx2_fma():
+        raise RuntimeError("CPU lacks AVX2/FMA")
+    with _lock:
+        return ctypes.CDLL(str(_compile(src_path)))
 
 
 def get_lib() -> ctypes.CDLL | None:

@@ -1,0 +1,398 @@
+// slimformer native decode step for Llama-family decoders (RMSNorm, RoPE, grouped-query
+// attention over a preallocated KV cache, SiLU-gated MLP), AVX2 + FMA + OpenMP.
+//
+// Why by hand: at batch 1 a decode step is ~200 small matrix-vector products; through
+// torch each costs a few microseconds of dispatch and an allocation, which is as long
+// as the memory-bound matvec itself once weights are 4-bit. Here one call runs the whole
+// step inside ONE OpenMP parallel region (threads meet at barriers, never fork again)
+// and writes only into buffers the caller preallocated.
+//
+// Weight formats (SfLinear.kind), all "w = c * scale[n, g] + minv[n, g]" per group of
+// gs input columns (minv may be null):
+//   F32  : w [N, K] float
+//   Q8   : c int8 [N, K]                      (our int8, GGUF Q8_0)
+//   Q4   : c 0..15, every 16 codes of a row in 8 bytes: byte j = c[j] | c[j+8] << 4
+//          (our int2-4, GGUF Q4_0 / Q4_1)
+//   Q8A8 : int8 weights per channel, x quantised per token to int8 (dynamic, symmetric),
+//          exact int32 dot: y = sx * s[n] * (dot(qx, q) + corr[n] * sum(qx)).
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, Q8 = 1, Q4 = 2, Q8A8 = 3 };
+
+struct SfLinear {
+    int32_t kind, N, K, gs;
+    const void* w;
+    const float* scale;     // [N, K / gs]
+    const float* minv;      // [N, K / gs] or null
+    const float* bias;      // [N] or null
+    const int32_t* corr;    // Q8A8: [N]
+};
+
+struct SfLayer {
+    const float* attn_norm;
+    SfLinear qkv, o;
+    const float* mlp_norm;
+    SfLinear gate_up, down;
+};
+
+struct SfModel {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_len, max_batch, max_pos;
+    float eps;
+    const SfLayer* layers;
+    const float* final_norm;
+    SfLinear lm_head;
+    SfLinear embed;               // F32 or Q8 [vocab, hidden]: rows are looked up, never multiplied
+    const float* rope_cos;        // [max_pos, head_dim / 2]
+    const float* rope_sin;
+    float* k_cache;               // [n_layers, max_batch, n_kv, max_len, head_dim]
+    float* v_cache;
+    // scratch, sized for max_batch tokens
+    float* x;        // [B, hidden] residual stream
+    float* h;        // [B, max(hidden, inter)]
+    float* qkv;      // [B, (n_heads + 2 n_kv) head_dim]
+    float* att;      // [B, n_heads head_dim]
+    float* gu;       // [B, 2 inter]
+    float* scores;   // [B, n_heads, max_len]
+    float* xg;       // [B, max K / 16] group sums of x
+    int8_t* qx;      // [B, max K]
+    float* sx;       // [B]
+    int32_t* qsum;   // [B]
+};
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+static inline int32_t hsum8i(__m256i v) {
+    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4E));
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xB1));
+    return _mm_cvtsi128_si32(lo);
+}
+
+static inline __m256 ld_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+static inline float sum_f32(const float* a, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(a + k));
+    float s = hsum8(acc);
+    for (; k < K; ++k) s += a[k];
+    return s;
+}
+
+// ------------------------------------------------------------------ one row, MT tokens
+// Each weight is loaded and converted once and used for the MT (<= 4) tokens.
+template <int MT>
+static inline void row_f32(const float* r, const float* x, int K, float* out) {
+    __m256 a[MT], b[MT];
+    for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0 = _mm256_loadu_ps(r + k), w1 = _mm256_loadu_ps(r + k + 8);
+        for (int t = 0; t < MT; ++t) {
+            a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a[t]);
+            b[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+        }
+    }
+    for (int t = 0; t < MT; ++t) {
+        float s = hsum8(_mm256_add_ps(a[t], b[t]));
+        for (int kk = k; kk < K; ++kk) s += r[kk] * x[t * K + kk];
+        out[t] = s;
+    }
+}
+
+template <int MT>
+static inline void row_q8(const int8_t* r, const float* sc, int K, int gs, const float* x, float* out) {
+    __m256 tot[MT];
+    for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / gs; ++g) {
+        __m256 a[MT], b[MT];
+        for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
+        for (int k = g * gs; k < (g + 1) * gs; k += 16) {
+            __m256 w0 = ld_i8(r + k), w1 = ld_i8(r + k + 8);
+            for (int t = 0; t < MT; ++t) {
+                a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a[t]);
+                b[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(a[t], b[t]), tot[t]);
+    }
+    for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
+}
+
+template <int MT>
+static inline void row_q4(const uint8_t* r, const float* sc, int K, int gs, const float* x, float* out) {
+    const __m256i m4 = _mm256_set1_epi32(0xF);
+    __m256 tot[MT];
+    for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / gs; ++g) {
+        __m256 a[MT], b[MT];
+        for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
+        for (int k = g * gs; k < (g + 1) * gs; k += 16) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r + k / 2)));
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+            for (int t = 0; t < MT; ++t) {
+                a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k), a[t]);
+                b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(a[t], b[t]), tot[t]);
+    }
+    for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
+}
+
+// Exact int32 dot of int8 a (any value) and int8 b (-127..127).
+static inline int32_t idot(const int8_t* a, const int8_t* b, int K) {
+    __m256i acc = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
+        __m256i vb = _mm256_loadu_si256((const __m256i*)(b + k));
+        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    int32_t s = hsum8i(acc);
+    for (; k < K; ++k) s += (int32_t)a[k] * (int32_t)b[k];
+    return s;
+}
+
+template <int MT>
+static inline void rows_dispatch(const SfLinear& L, int n, const float* x, float* out) {
+    const int K = L.K, gs = L.gs, G = K / gs;
+    switch (L.kind) {
+        case F32: row_f32<MT>((const float*)L.w + (int64_t)n * K, x, K, out); break;
+        case Q8: row_q8<MT>((const int8_t*)L.w + (int64_t)n * K, L.scale + (int64_t)n * G, K, gs, x, out); break;
+        case Q4: row_q4<MT>((const uint8_t*)L.w + (int64_t)n * K / 2, L.scale + (int64_t)n * G, K, gs, x, out); break;
+    }
+}
+
+// y[M, N] = x[M, K] W^T + bias. Called by every thread of the enclosing parallel region
+// (orphaned worksharing); ends with a barrier, so y is complete on return.
+static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, float* y) {
+    const int N = L.N, K = L.K, gs = L.gs, G = K / gs;
+    if (L.kind == Q8A8) {
+#pragma omp for schedule(static)
+        for (int t = 0; t < M; ++t) {
+            // Same IEEE operations as primitives.fake_quantize_activation (per token, symmetric).
+            const float* xt = x + (int64_t)t * K;
+            float amax = 0.f;
+            for (int k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(xt[k]));
+            float s = fmaxf(amax / 127.f, 1e-12f);
+            int32_t qs = 0;
+            for (int k = 0; k < K; ++k) {
+                float q = rintf(xt[k] / s);
+                q = fminf(fmaxf(q, -128.f), 127.f);
+                m.qx[(int64_t)t * K + k] = (int8_t)q;
+                qs += (int32_t)q;
+            }
+            m.sx[t] = s;
+            m.qsum[t] = qs;
+        }
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; ++n) {
+            const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
+            for (int t = 0; t < M; ++t) {
+                int32_t acc = idot(m.qx + (int64_t)t * K, r, K) + L.corr[n] * m.qsum[t];
+                float v = (float)acc * (m.sx[t] * L.scale[n]);
+                y[(int64_t)t * N + n] = L.bias ? v + L.bias[n] : v;
+            }
+        }
+        return;
+    }
+    if (L.minv) {
+#pragma omp for schedule(static)
+        for (int i = 0; i < M * G; ++i) m.xg[i] = sum_f32(x + (int64_t)(i / G) * K + (int64_t)(i % G) * gs, gs);
+    }
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; ++n) {
+        float out[4];
+        for (int t0 = 0; t0 < M; t0 += 4) {
+            const float* xt = x + (int64_t)t0 * K;
+            int mt = M - t0 < 4 ? M - t0 : 4;
+            switch (mt) {
+                case 1: rows_dispatch<1>(L, n, xt, out); break;
+                case 2: rows_dispatch<2>(L, n, xt, out); break;
+                case 3: rows_dispatch<3>(L, n, xt, out); break;
+                default: rows_dispatch<4>(L, n, xt, out); break;
+            }
+            for (int t = 0; t < mt; ++t) {
+                float v = out[t];
+                if (L.minv) {
+                    const float* mv = L.minv + (int64_t)n * G;
+                    const float* xg = m.xg + (int64_t)(t0 + t) * G;
+                    for (int g = 0; g < G; ++g) v += mv[g] * xg[g];
+                }
+                y[(int64_t)(t0 + t) * N + n] = L.bias ? v + L.bias[n] : v;
+            }
+        }
+    }
+}
+
+// HF LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)).
+static void rmsnorm(const float* x, const float* w, float* out, int M, int D, float eps) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < M; ++t) {
+        const float* xt = x + (int64_t)t * D;
+        float ss = 0.f;
+        for (int i = 0; i < D; ++i) ss += xt[i] * xt[i];
+        float r = 1.f / sqrtf(ss / D + eps);
+        for (int i = 0; i < D; ++i) out[(int64_t)t * D + i] = w[i] * (xt[i] * r);
+    }
+}
+
+// HF rotate_half convention: pairs (i, i + hd/2).
+static inline void rope(float* v, const float* c, const float* s, int hd) {
+    const int h2 = hd / 2;
+    for (int i = 0; i < h2; ++i) {
+        float a = v[i], b = v[i + h2];
+        v[i] = a * c[i] - b * s[i];
+        v[i + h2] = b * c[i] + a * s[i];
+    }
+}
+
+extern "C" {
+
+// One decode step for B sequences: token[b] at position pos[b] (its K/V are written to
+// the cache at pos[b]; attention reads positions 0..pos[b]). logits: [B, vocab].
+void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32_t* pos, float* logits, int nt) {
+    const SfModel& m = *mp;
+    const int D = m.hidden, hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, I = m.inter;
+    const int QKV = (nh + 2 * nkv) * hd, rep = nh / nkv;
+    const float scale = 1.f / sqrtf((float)hd);
+    const int64_t lay_stride = (int64_t)m.max_batch * nkv * m.max_len * hd;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) {
+            const SfLinear& E = m.embed;
+            float* xb = m.x + (int64_t)b * D;
+            if (E.kind == F32) {
+                memcpy(xb, (const float*)E.w + tokens[b] * D, sizeof(float) * D);
+            } else {  // Q8 rows: c * scale (+ minv), as the dequantised table holds
+                const int8_t* r = (const int8_t*)E.w + tokens[b] * D;
+                const int G = D / E.gs;
+                for (int i = 0; i < D; ++i) {
+                    int64_t g = tokens[b] * G + i / E.gs;
+                    float v = (float)r[i] * E.scale[g];
+                    xb[i] = E.minv ? v + E.minv[g] : v;
+                }
+            }
+        }
+        for (int l = 0; l < m.n_layers; ++l) {
+            const SfLayer& L = m.layers[l];
+            float* kc = m.k_cache + l * lay_stride;
+            float* vc = m.v_cache + l * lay_stride;
+            rmsnorm(m.x, L.attn_norm, m.h, B, D, m.eps);
+            linear(m, L.qkv, m.h, B, m.qkv);
+            // RoPE on q and k heads, then k and v into the cache at pos[b].
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * (nh + nkv); ++i) {
+                int b = i / (nh + nkv), hh = i % (nh + nkv);
+                const float* c = m.rope_cos + (int64_t)pos[b] * (hd / 2);
+                const float* s = m.rope_sin + (int64_t)pos[b] * (hd / 2);
+                float* v = m.qkv + (int64_t)b * QKV + (int64_t)hh * hd;
+                rope(v, c, s, hd);
+                if (hh >= nh) {
+                    int kh = hh - nh;
+                    int64_t off = (((int64_t)b * nkv + kh) * m.max_len + pos[b]) * hd;
+                    memcpy(kc + off, v, sizeof(float) * hd);
+                    memcpy(vc + off, v + nkv * hd, sizeof(float) * hd);
+                }
+            }
+            // Attention: one (sequence, query head) per iteration, over positions 0..pos[b].
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * nh; ++i) {
+                int b = i / nh, h = i % nh, kh = h / rep, T = pos[b] + 1;
+                const float* q = m.qkv + (int64_t)b * QKV + (int64_t)h * hd;
+                const float* kb = kc + ((int64_t)b * nkv + kh) * m.max_len * hd;
+                const float* vb = vc + ((int64_t)b * nkv + kh) * m.max_len * hd;
+                float* sc = m.scores + (int64_t)i * m.max_len;
+                float mx = -INFINITY;
+                for (int t = 0; t < T; ++t) {
+                    __m256 acc = _mm256_setzero_ps();
+                    int k = 0;
+                    for (; k + 8 <= hd; k += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(kb + (int64_t)t * hd + k), acc);
+                    float d = hsum8(acc);
+                    for (; k < hd; ++k) d += q[k] * kb[(int64_t)t * hd + k];
+                    sc[t] = d * scale;
+                    mx = fmaxf(mx, sc[t]);
+                }
+                float den = 0.f;
+                for (int t = 0; t < T; ++t) { sc[t] = expf(sc[t] - mx); den += sc[t]; }
+                float inv = 1.f / den;
+                float* o = m.att + (int64_t)b * nh * hd + (int64_t)h * hd;
+                for (int k = 0; k < hd; ++k) o[k] = 0.f;
+                for (int t = 0; t < T; ++t) {
+                    float p = sc[t] * inv;
+                    const float* vt = vb + (int64_t)t * hd;
+                    for (int k = 0; k < hd; ++k) o[k] += p * vt[k];
+                }
+            }
+            linear(m, L.o, m.att, B, m.h);
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * D; ++i) m.x[i] += m.h[i];
+            rmsnorm(m.x, L.mlp_norm, m.h, B, D, m.eps);
+            linear(m, L.gate_up, m.h, B, m.gu);
+            // SiLU(gate) * up, written over the gate half: gu row = [gate | up].
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * I; ++i) {
+                int b = i / I, j = i % I;
+                float g = m.gu[(int64_t)b * 2 * I + j], u = m.gu[(int64_t)b * 2 * I + I + j];
+                m.h[i] = g / (1.f + expf(-g)) * u;
+            }
+            linear(m, L.down, m.h, B, m.att);   // att is free here: reuse as [B, D] output
+#pragma omp for schedule(static)
+            for (int i = 0; i < B * D; ++i) m.x[i] += m.att[i];
+        }
+        rmsnorm(m.x, m.final_norm, m.h, B, D, m.eps);
+        linear(m, m.lm_head, m.h, B, logits);
+    }
+}
+
+// One linear layer on its own (tests and benchmarks): y[M, N] = x[M, K] W^T + bias.
+// Scratch (xg, qx, sx, qsum) comes from the session model m.
+void sf_linear(const SfModel* mp, const SfLinear* Lp, const float* x, int M, float* y, int nt) {
+#pragma omp parallel num_threads(nt)
+    linear(*mp, *Lp, x, M, y);
+}
+
+// Dequantise rows [n0, n1) of a Q8/Q4 linear to fp32 (exact: c * scale + minv), for the
+// prefill path (dequantise a tile, then one fp32 GEMM).
+void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
+    const SfLinear& L = *Lp;
+    const int K = L.K, gs = L.gs, G = K / gs;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = n0; n < n1; ++n) {
+        float* o = out + (int64_t)(n - n0) * K;
+        const float* sc = L.scale + (int64_t)n * G;
+        const float* mv = L.minv ? L.minv + (int64_t)n * G : nullptr;
+        for (int k = 0; k < K; ++k) {
+            float c;
+            if (L.kind == Q4) {
+                uint8_t byte = ((const uint8_t*)L.w)[(int64_t)n * K / 2 + (k / 16) * 8 + (k % 8)];
+                c = (float)((k % 16) < 8 ? (byte & 0xF) : (byte >> 4));
+            } else {
+                c = (float)((const int8_t*)L.w)[(int64_t)n * K + k];
+            }
+            float v = c * sc[k / gs];
+            o[k] = mv ? v + mv[k / gs] : v;
+        }
+    }
+}
+
+}  // extern "C"

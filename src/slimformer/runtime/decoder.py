@@ -1,0 +1,405 @@
+"""Native KV-cached decoder for Llama-family models (Llama, Mistral, Qwen2, SmolLM2).
+
+Prefill (many tokens) runs in torch: packed variable-length sequences (no padding),
+fp32 GEMMs on tiles of dequantised weights, ``scaled_dot_product_attention`` per
+sequence. Decode (one token per sequence) is one call into ``_decoder.cpp`` that runs
+the whole step in a single OpenMP region over a preallocated KV cache: no Python per
+layer and no allocation per step. Both write the same cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.errors import SlimformerError, UnsupportedArchitectureError
+from slimformer.models.adapters.base import adapter_for
+from slimformer.runtime import weights as W
+from slimformer.runtime.weights import RtLinear
+
+_SRC = Path(__file__).with_name("_decoder.cpp")
+_lib: ctypes.CDLL | None = None
+
+
+class GenerationError(SlimformerError):
+    """Bad generation input: prompt too long, bad sampling options, ..."""
+
+
+# ----------------------------------------------------------------------- ctypes mirror
+_P = ctypes.c_void_p
+
+
+class _CLinear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32), ("gs", ctypes.c_int32),
+                ("w", _P), ("scale", _P), ("minv", _P), ("bias", _P), ("corr", _P)]
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("qkv", _CLinear), ("o", _CLinear), ("mlp_norm", _P),
+                ("gate_up", _CLinear), ("down", _CLinear)]
+
+
+class _CModel(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
+                                              "max_len", "max_batch", "max_pos")] + [
+        ("eps", ctypes.c_float), ("layers", _P), ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear),
+        ("rope_cos", _P), ("rope_sin", _P), ("k_cache", _P), ("v_cache", _P),
+        ("x", _P), ("h", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("scores", _P), ("xg", _P), ("qx", _P),
+        ("sx", _P), ("qsum", _P)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _c_linear(lin: RtLinear) -> _CLinear:
+    return _CLinear(lin.kind, lin.N, lin.K, lin.gs, _ptr(lin.w), _ptr(lin.scale), _ptr(lin.minv), _ptr(lin.bias),
+                    _ptr(lin.corr))
+
+
+def native_library() -> ctypes.CDLL:
+    """The compiled decode step (built once, cached); raises RuntimeError if unavailable."""
+    global _lib
+    if _lib is None:
+        from slimformer.kernels._build import load_library
+
+        lib = load_library(_SRC)
+        lib.sf_decode_step.argtypes = [_P, ctypes.c_int, _P, _P, _P, ctypes.c_int]
+        lib.sf_decode_step.restype = None
+        lib.sf_dequant_rows.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
+        lib.sf_dequant_rows.restype = None
+        lib.sf_linear.argtypes = [_P, _P, _P, ctypes.c_int, _P, ctypes.c_int]
+        lib.sf_linear.restype = None
+        _lib = lib
+    return _lib
+
+
+# ----------------------------------------------------------------------- the model
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: RtLinear
+    o: RtLinear
+    mlp_norm: torch.Tensor
+    gate_up: RtLinear
+    down: RtLinear
+
+    def linears(self) -> list[RtLinear]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+
+@dataclass
+class Session:
+    """A preallocated KV cache and scratch for up to ``batch`` sequences of ``max_len`` tokens."""
+
+    batch: int
+    max_len: int
+    k_cache: torch.Tensor  # [layers, batch, kv heads, max_len, head_dim]
+    v_cache: torch.Tensor
+    lengths: list[int]
+    logits: torch.Tensor  # [batch, vocab]
+    tokens: torch.Tensor  # [batch] int64
+    positions: torch.Tensor  # [batch] int32
+    buffers: dict = field(default_factory=dict)
+    c_model: _CModel | None = None
+
+
+class NativeDecoder:
+    """A Llama-family decoder held in runtime formats (see :mod:`slimformer.runtime.weights`)."""
+
+    def __init__(self, config, layers: list[Layer], final_norm: torch.Tensor, lm_head: RtLinear, embed: RtLinear,
+                 inv_freq: torch.Tensor, attention_scaling: float = 1.0, eps: float = 1e-6):
+        self.config = config
+        self.layers, self.final_norm, self.lm_head, self.embed = layers, final_norm, lm_head, embed
+        self.hidden = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.n_heads
+        self.inter = layers[0].gate_up.N // 2
+        self.vocab = lm_head.N
+        self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
+        self.eps = float(eps)
+        self.inv_freq = inv_freq.float()
+        self.attention_scaling = float(attention_scaling)
+        self._cos, self._sin = self._rope_tables(self.max_positions)
+        self._layer_structs = (_CLayer * len(layers))(*[
+            _CLayer(_ptr(l.attn_norm), _c_linear(l.qkv), _c_linear(l.o), _ptr(l.mlp_norm), _c_linear(l.gate_up),
+                    _c_linear(l.down)) for l in layers])
+        self._linear_structs = {id(lin): _c_linear(lin) for l in layers for lin in l.linears()}
+        self._linear_structs[id(lm_head)] = _c_linear(lm_head)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model, gguf_path: str | Path | None = None) -> "NativeDecoder":
+        """Build from a loaded HF model (nn.Linear or QuantLinear projections). With
+        ``gguf_path`` the linear weights come from that file's own quantised blocks."""
+        check_supported(model)
+        adapter = adapter_for(model)
+        cfg = model.config
+        blocks = adapter.get_blocks(model)
+        gguf = _gguf_linears(gguf_path, cfg) if gguf_path is not None else {}
+
+        def lin(i: int, name: str) -> RtLinear:
+            full = f"{adapter.blocks}.{i}.{name}"
+            if full in gguf:
+                return gguf[full]
+            return W.from_module(full, blocks[i].get_submodule(name))
+
+        layers = []
+        for i, block in enumerate(blocks):
+            layers.append(Layer(
+                attn_norm=block.input_layernorm.weight.detach().float().contiguous(),
+                qkv=W.concat(f"{adapter.blocks}.{i}.self_attn.qkv", [lin(i, n) for n in adapter.attention_in]),
+                o=lin(i, adapter.attention_out[0]),
+                mlp_norm=block.post_attention_layernorm.weight.detach().float().contiguous(),
+                gate_up=W.concat(f"{adapter.blocks}.{i}.mlp.gate_up", [lin(i, n) for n in adapter.mlp_in]),
+                down=lin(i, adapter.mlp_out[0]),
+            ))
+        inner = model.model
+        emb_module, head_module = inner.embed_tokens, model.get_output_embeddings()
+        tied = head_module is not None and getattr(head_module, "weight", None) is emb_module.weight
+        if "lm_head" in gguf:
+            lm_head = gguf["lm_head"]
+        elif tied and "embed_tokens" in gguf:
+            lm_head = gguf["embed_tokens"]
+        else:
+            lm_head = W.from_module("lm_head", head_module)
+        if "embed_tokens" in gguf and gguf["embed_tokens"].kind in (W.F32, W.Q8):
+            embed = gguf["embed_tokens"]
+        elif tied and lm_head.kind in (W.F32, W.Q8):
+            embed = lm_head  # one copy of the tied table: rows looked up, the same bytes multiplied
+        else:
+            embed = W.from_dense("embed_tokens", emb_module.weight, None)
+        rotary = inner.rotary_emb
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        return cls(cfg, layers, inner.norm.weight.detach().float().contiguous(), lm_head, embed,
+                   rotary.inv_freq.detach(), getattr(rotary, "attention_scaling", 1.0), eps)
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The same float ops as HF's LlamaRotaryEmbedding, so positions match exactly.
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        return ((freqs.cos() * self.attention_scaling).contiguous(),
+                (freqs.sin() * self.attention_scaling).contiguous())
+
+    # ------------------------------------------------------------------ sizes
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (every linear once, plus the norms)."""
+        total = sum(lin.nbytes() for l in self.layers for lin in l.linears()) + self.lm_head.nbytes()
+        return total + 4 * (len(self.layers) * 2 + 1) * self.hidden
+
+    def describe(self) -> dict:
+        kinds = sorted({W.KIND_NAMES[lin.kind] for l in self.layers for lin in l.linears()})
+        return {"layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind],
+                "bytes_per_token": self.weight_bytes_per_token()}
+
+    # ------------------------------------------------------------------ sessions
+    def new_session(self, batch: int, max_len: int) -> Session:
+        """Allocate the KV cache and every scratch buffer once, for a whole generation."""
+        if max_len > self.max_positions:
+            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.max_positions}")
+        L, D, hd = len(self.layers), self.hidden, self.head_dim
+        k = torch.zeros(L, batch, self.n_kv, max_len, hd)
+        v = torch.zeros_like(k)
+        max_k = max(D, self.inter, self.n_heads * hd)
+        buf = {
+            "x": torch.empty(batch, D), "h": torch.empty(batch, max_k),
+            "qkv": torch.empty(batch, (self.n_heads + 2 * self.n_kv) * hd),
+            "att": torch.empty(batch, max(self.n_heads * hd, D)), "gu": torch.empty(batch, 2 * self.inter),
+            "scores": torch.empty(batch, self.n_heads, max_len), "xg": torch.empty(batch, max_k // 16 + 1),
+            "qx": torch.empty(batch, max_k, dtype=torch.int8), "sx": torch.empty(batch),
+            "qsum": torch.empty(batch, dtype=torch.int32),
+        }
+        sess = Session(batch, max_len, k, v, [0] * batch, torch.empty(batch, self.vocab),
+                       torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32), buf)
+        sess.c_model = _CModel(
+            L, D, self.n_heads, self.n_kv, hd, self.inter, self.vocab, max_len, batch, self.max_positions, self.eps,
+            ctypes.addressof(self._layer_structs), _ptr(self.final_norm), _c_linear(self.lm_head),
+            _c_linear(self.embed), _ptr(self._cos), _ptr(self._sin), _ptr(k), _ptr(v),
+            *[_ptr(buf[n]) for n in ("x", "h", "qkv", "att", "gu", "scores", "xg", "qx", "sx", "qsum")])
+        return sess
+
+    # ------------------------------------------------------------------ prefill (torch)
+    def _matmul(self, x: torch.Tensor, lin: RtLinear) -> torch.Tensor:
+        lib = native_library()
+        struct = self._linear_structs.get(id(lin)) or _c_linear(lin)
+
+        def dequant_rows(_lin, n0, n1, out):
+            lib.sf_dequant_rows(ctypes.byref(struct), n0, n1, out.data_ptr(), torch.get_num_threads())
+
+        return W.dense_matmul(x, lin, dequant_rows)
+
+    def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed
+        if e.kind == W.F32:
+            return F.embedding(ids, e.w)
+        part = W.permute_rows(e, ids)
+        part.N = ids.numel()
+        return part.dequantize()
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        c, s = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
+        h = t.shape[-1] // 2
+        a, b = t[..., :h], t[..., h:]
+        return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+    def _forward_packed(self, sess: Session | None, seqs: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """Run sequences (concatenated, no padding) from position 0; write their K/V into
+        ``sess`` rows ``rows``. Returns the final hidden states ``[total tokens, hidden]``."""
+        lengths = [len(s) for s in seqs]
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self._embed_rows(ids)
+        T = x.shape[0]
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer.attn_norm)
+            qkv = self._matmul(h, layer.qkv)
+            q = self._rope(qkv[:, : nh * hd].reshape(T, nh, hd), pos)
+            k = self._rope(qkv[:, nh * hd: (nh + nkv) * hd].reshape(T, nkv, hd), pos)
+            v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
+            out = torch.empty(T, nh * hd)
+            for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+                qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+                if sess is not None:
+                    sess.k_cache[li, rows[i], :, : b - a] = ki[0]
+                    sess.v_cache[li, rows[i], :, : b - a] = vi[0]
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=nh != nkv)
+                out[a:b] = o[0].transpose(0, 1).reshape(b - a, nh * hd)
+            x = x + self._matmul(out, layer.o)
+            gu = self._matmul(self._rms(x, layer.mlp_norm), layer.gate_up)
+            x = x + self._matmul(F.silu(gu[:, : self.inter]) * gu[:, self.inter:], layer.down)
+        return x
+
+    @torch.inference_mode()
+    def prefill(self, sess: Session, seqs: list[list[int]]) -> torch.Tensor:
+        """Fill the cache with ``seqs`` (one per session row, from position 0) and return
+        the logits of each sequence's last token ``[len(seqs), vocab]``."""
+        if len(seqs) > sess.batch:
+            raise GenerationError(f"{len(seqs)} prompts for a session of {sess.batch}")
+        for s in seqs:
+            if not s:
+                raise GenerationError("empty prompt: give at least one token")
+            if len(s) > sess.max_len:
+                raise GenerationError(f"prompt of {len(s)} tokens exceeds the session's {sess.max_len}")
+        x = self._forward_packed(sess, seqs, list(range(len(seqs))))
+        ends = torch.tensor([sum(len(s) for s in seqs[: i + 1]) - 1 for i in range(len(seqs))])
+        for i, s in enumerate(seqs):
+            sess.lengths[i] = len(s)
+        return self._matmul(self._rms(x[ends], self.final_norm), self.lm_head)
+
+    @torch.inference_mode()
+    def forward_logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Logits at every position of one sequence ``[T, vocab]`` (no cache kept): the
+        path perplexity is measured on."""
+        seq = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        x = self._forward_packed(None, [seq], [0])
+        return self._matmul(self._rms(x, self.final_norm), self.lm_head)
+
+    def native_linear(self, sess: Session, lin: RtLinear, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K] @ W^T`` through the decode kernel (M <= the session's batch), for
+        tests and benchmarks; the decode step calls the same code."""
+        x = x.float().contiguous()
+        if x.shape[0] > sess.batch:
+            raise GenerationError(f"{x.shape[0]} rows for a session of {sess.batch}")
+        y = torch.empty(x.shape[0], lin.N)
+        struct = self._linear_structs.get(id(lin)) or _c_linear(lin)
+        native_library().sf_linear(ctypes.addressof(sess.c_model), ctypes.byref(struct), x.data_ptr(), x.shape[0],
+                                   y.data_ptr(), torch.get_num_threads())
+        return y
+
+    # ------------------------------------------------------------------ decode (native)
+    def decode(self, sess: Session, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Append one token to each of the first ``len(tokens)`` sequences; returns their
+        next-token logits ``[B, vocab]`` (a view of the session's buffer)."""
+        B = len(tokens)
+        for b in range(B):
+            if sess.lengths[b] >= sess.max_len:
+                raise GenerationError(f"sequence {b} reached the session's {sess.max_len} tokens")
+            sess.positions[b] = sess.lengths[b]
+            sess.lengths[b] += 1
+        sess.tokens[:B] = torch.as_tensor(tokens, dtype=torch.int64)
+        native_library().sf_decode_step(ctypes.addressof(sess.c_model), B, sess.tokens.data_ptr(),
+                                        sess.positions.data_ptr(), sess.logits.data_ptr(), torch.get_num_threads())
+        return sess.logits[:B]
+
+
+# ----------------------------------------------------------------------- support checks
+def check_supported(model) -> None:
+    """Raise UnsupportedArchitectureError (one line, naming what) when the native decoder
+    cannot run ``model``; callers then fall back to the Hugging Face path."""
+    adapter = adapter_for(model)
+    cfg = model.config
+    if adapter.family != "llama" or not adapter.is_decoder:
+        raise UnsupportedArchitectureError(f"native decoder runs Llama-family models, not {cfg.model_type}")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UnsupportedArchitectureError(f"native decoder needs SiLU MLPs, {cfg.model_type} uses {cfg.hidden_act}")
+    block = adapter.get_blocks(model)[0]
+    if hasattr(block.self_attn, "q_norm"):
+        raise UnsupportedArchitectureError(f"native decoder has no per-head q/k norm ({cfg.model_type})")
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3"):
+        raise UnsupportedArchitectureError(f"native decoder has no {rope.get('rope_type')} RoPE")
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
+        raise UnsupportedArchitectureError("native decoder has no sliding-window attention")
+
+
+# ----------------------------------------------------------------------- GGUF blocks
+_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def _gguf_row_order(n_rows: int, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves the two RoPE halves of each Q/K head; this is
+    the row order transformers' GGUF loader restores (so ours matches its weights)."""
+    idx = torch.arange(n_rows)
+    return idx.reshape(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _gguf_linears(path: str | Path, config) -> dict[str, RtLinear]:
+    """Linear weights of a Llama GGUF file, repacked block for block (no requantisation)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out: dict[str, RtLinear] = {}
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        qtype = t.tensor_type.name
+        K, N = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
+        if parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
+            name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
+            lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
+            if parts[2] in ("attn_q", "attn_k"):
+                lin = W.permute_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))
+            out[name] = lin
+        elif t.name == "token_embd.weight":
+            out["embed_tokens"] = W.from_gguf_tensor("embed_tokens", qtype, t.data, N, K)
+        elif t.name == "output.weight":
+            out["lm_head"] = W.from_gguf_tensor("lm_head", qtype, t.data, N, K)
+    return out
+
+
+def gguf_source_path(source: str) -> Path | None:
+    """The .gguf file behind a model source (a built-in or a path), else None."""
+    from slimformer.models.builtin import BUILTINS, builtin_path
+
+    path = builtin_path(source) if source in BUILTINS else Path(source).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def roofline_tokens_per_s(bytes_per_token: int, bandwidth_bytes_per_s: float) -> float:
+    return bandwidth_bytes_per_s / bytes_per_token if bytes_per_token else math.inf
