@@ -11,10 +11,16 @@
 // gs input columns (minv may be null):
 //   F32  : w [N, K] float
 //   Q8   : c int8 [N, K]                      (our int8, GGUF Q8_0)
-//   Q4   : c 0..15, every 16 codes of a row in 8 bytes: byte j = c[j] | c[j+8] << 4
-//          (our int2-4, GGUF Q4_0 / Q4_1)
+//   Q4   : c 0..15, every 32 codes of a row in 16 bytes: byte j = c[j] | c[j+16] << 4
+//          (GGUF's own Q4 block order; our int2-4 and GGUF Q4_0 / Q4_1)
 //   Q8A8 : int8 weights per channel, x quantised per token to int8 (dynamic, symmetric),
 //          exact int32 dot: y = sx * s[n] * (dot(qx, q) + corr[n] * sum(qx)).
+//
+// Activations for Q8/Q4 (SfModel.act8):
+//   0: fp32 — y equals x @ dequant(W)^T up to float summation order (the reference);
+//   1: x rounded to int8 per block of 32 (scale amax/127), integer dot products with the
+//      codes (maddubs), as llama.cpp does: about half the instructions per weight, a
+//      small activation rounding error (measured in benchmarks/results/runtime.json).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -41,6 +47,7 @@ struct SfLayer {
 struct SfModel {
     int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_len, max_batch, max_pos;
     float eps;
+    int32_t act8;                 // see above
     const SfLayer* layers;
     const float* final_norm;
     SfLinear lm_head;
@@ -57,8 +64,9 @@ struct SfModel {
     float* gu;       // [B, 2 inter]
     float* scores;   // [B, n_heads, max_len]
     float* xg;       // [B, max K / 16] group sums of x
+    float* xb;       // [B, max K / 32] act8: block sums of the rounded x (d * sum q)
     int8_t* qx;      // [B, max K]
-    float* sx;       // [B]
+    float* sx;       // [B] (Q8A8) | [B, max K / 32] (act8 block scales)
     int32_t* qsum;   // [B]
 };
 
@@ -139,17 +147,75 @@ static inline void row_q4(const uint8_t* r, const float* sc, int K, int gs, cons
     for (int g = 0; g < K / gs; ++g) {
         __m256 a[MT], b[MT];
         for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
-        for (int k = g * gs; k < (g + 1) * gs; k += 16) {
-            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r + k / 2)));
-            __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
-            __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-            for (int t = 0; t < MT; ++t) {
-                a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k), a[t]);
-                b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            for (int half = 0; half < 2; ++half) {   // bytes 8h..8h+7: codes 8h.. (low), 16+8h.. (high)
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r + k / 2 + 8 * half)));
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                for (int t = 0; t < MT; ++t) {
+                    a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k + 8 * half), a[t]);
+                    b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 16 + 8 * half), b[t]);
+                }
             }
         }
         __m256 s = _mm256_set1_ps(sc[g]);
         for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(a[t], b[t]), tot[t]);
+    }
+    for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
+}
+
+// --- int8-activation rows (act8): x as int8 blocks of 32 with scales dx[K/32].
+static inline __m256i q4_codes32(const uint8_t* p) {   // 16 bytes -> 32 codes in order
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    const __m128i m = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+template <int MT>
+static inline void row_q4_a8(const uint8_t* r, const float* sc, int K, int gs, const int8_t* qx, const float* dx,
+                             float* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int KB = K / 32;
+    __m256 tot[MT];
+    for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / gs; ++g) {
+        __m256 acc[MT];
+        for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m256i w = q4_codes32(r + k / 2);
+            for (int t = 0; t < MT; ++t) {
+                __m256i x8 = _mm256_loadu_si256((const __m256i*)(qx + t * K + k));
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x8), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx[t * KB + k / 32]), acc[t]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, acc[t], tot[t]);
+    }
+    for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
+}
+
+template <int MT>
+static inline void row_q8_a8(const int8_t* r, const float* sc, int K, int gs, const int8_t* qx, const float* dx,
+                             float* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int KB = K / 32;
+    __m256 tot[MT];
+    for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / gs; ++g) {
+        __m256 acc[MT];
+        for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m256i w = _mm256_loadu_si256((const __m256i*)(r + k));
+            __m256i aw = _mm256_sign_epi8(w, w);   // |w| as the unsigned operand of maddubs
+            for (int t = 0; t < MT; ++t) {
+                __m256i x8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(qx + t * K + k)), w);
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x8), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx[t * KB + k / 32]), acc[t]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, acc[t], tot[t]);
     }
     for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
 }
@@ -171,12 +237,21 @@ static inline int32_t idot(const int8_t* a, const int8_t* b, int K) {
 }
 
 template <int MT>
-static inline void rows_dispatch(const SfLinear& L, int n, const float* x, float* out) {
+static inline void rows_dispatch(const SfModel& m, const SfLinear& L, bool a8, int n, int t0, const float* x,
+                                 float* out) {
     const int K = L.K, gs = L.gs, G = K / gs;
+    const float* sc = L.scale + (int64_t)n * G;
+    if (a8) {
+        const int8_t* qx = m.qx + (int64_t)t0 * K;
+        const float* dx = m.sx + (int64_t)t0 * (K / 32);
+        if (L.kind == Q4) row_q4_a8<MT>((const uint8_t*)L.w + (int64_t)n * K / 2, sc, K, gs, qx, dx, out);
+        else row_q8_a8<MT>((const int8_t*)L.w + (int64_t)n * K, sc, K, gs, qx, dx, out);
+        return;
+    }
     switch (L.kind) {
         case F32: row_f32<MT>((const float*)L.w + (int64_t)n * K, x, K, out); break;
-        case Q8: row_q8<MT>((const int8_t*)L.w + (int64_t)n * K, L.scale + (int64_t)n * G, K, gs, x, out); break;
-        case Q4: row_q4<MT>((const uint8_t*)L.w + (int64_t)n * K / 2, L.scale + (int64_t)n * G, K, gs, x, out); break;
+        case Q8: row_q8<MT>((const int8_t*)L.w + (int64_t)n * K, sc, K, gs, x, out); break;
+        case Q4: row_q4<MT>((const uint8_t*)L.w + (int64_t)n * K / 2, sc, K, gs, x, out); break;
     }
 }
 
@@ -213,7 +288,33 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
         }
         return;
     }
-    if (L.minv) {
+    const bool a8 = m.act8 && (L.kind == Q8 || L.kind == Q4) && K % 32 == 0 && gs % 32 == 0;
+    if (a8) {   // x -> int8 blocks of 32: scale amax/127, round to nearest
+        const int KB = K / 32;
+#pragma omp for schedule(static)
+        for (int i = 0; i < M * KB; ++i) {
+            const float* xb = x + (int64_t)(i / KB) * K + (int64_t)(i % KB) * 32;
+            float amax = 0.f;
+            for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(xb[k]));
+            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            int8_t* q = m.qx + (int64_t)(i / KB) * K + (int64_t)(i % KB) * 32;
+            int32_t qs = 0;
+            for (int k = 0; k < 32; ++k) { q[k] = (int8_t)rintf(xb[k] * id); qs += q[k]; }
+            m.sx[i] = d;
+            m.xb[i] = d * (float)qs;
+        }
+        // The offset term uses the same rounded x as the code term, so the rounding error
+        // is that of the real weights (not of codes 0..15, which all share a sign).
+        if (L.minv) {
+            const int BPG = gs / 32;
+#pragma omp for schedule(static)
+            for (int i = 0; i < M * G; ++i) {
+                float acc = 0.f;
+                for (int j = 0; j < BPG; ++j) acc += m.xb[(int64_t)(i / G) * KB + (i % G) * BPG + j];
+                m.xg[i] = acc;
+            }
+        }
+    } else if (L.minv) {
 #pragma omp for schedule(static)
         for (int i = 0; i < M * G; ++i) m.xg[i] = sum_f32(x + (int64_t)(i / G) * K + (int64_t)(i % G) * gs, gs);
     }
@@ -224,10 +325,10 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             const float* xt = x + (int64_t)t0 * K;
             int mt = M - t0 < 4 ? M - t0 : 4;
             switch (mt) {
-                case 1: rows_dispatch<1>(L, n, xt, out); break;
-                case 2: rows_dispatch<2>(L, n, xt, out); break;
-                case 3: rows_dispatch<3>(L, n, xt, out); break;
-                default: rows_dispatch<4>(L, n, xt, out); break;
+                case 1: rows_dispatch<1>(m, L, a8, n, t0, xt, out); break;
+                case 2: rows_dispatch<2>(m, L, a8, n, t0, xt, out); break;
+                case 3: rows_dispatch<3>(m, L, a8, n, t0, xt, out); break;
+                default: rows_dispatch<4>(m, L, a8, n, t0, xt, out); break;
             }
             for (int t = 0; t < mt; ++t) {
                 float v = out[t];
@@ -384,8 +485,8 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
         for (int k = 0; k < K; ++k) {
             float c;
             if (L.kind == Q4) {
-                uint8_t byte = ((const uint8_t*)L.w)[(int64_t)n * K / 2 + (k / 16) * 8 + (k % 8)];
-                c = (float)((k % 16) < 8 ? (byte & 0xF) : (byte >> 4));
+                uint8_t byte = ((const uint8_t*)L.w)[(int64_t)n * K / 2 + (k / 32) * 16 + (k % 16)];
+                c = (float)((k % 32) < 16 ? (byte & 0xF) : (byte >> 4));
             } else {
                 c = (float)((const int8_t*)L.w)[(int64_t)n * K + k];
             }

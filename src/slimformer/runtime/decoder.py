@@ -23,6 +23,7 @@ from slimformer.runtime import weights as W
 from slimformer.runtime.weights import RtLinear
 
 _SRC = Path(__file__).with_name("_decoder.cpp")
+ACTIVATIONS = ("fp32", "int8")  # how decode multiplies quantised weights (see NativeDecoder.from_model)
 _lib: ctypes.CDLL | None = None
 
 
@@ -47,9 +48,9 @@ class _CLayer(ctypes.Structure):
 class _CModel(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
                                               "max_len", "max_batch", "max_pos")] + [
-        ("eps", ctypes.c_float), ("layers", _P), ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear),
+        ("eps", ctypes.c_float), ("act8", ctypes.c_int32), ("layers", _P), ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear),
         ("rope_cos", _P), ("rope_sin", _P), ("k_cache", _P), ("v_cache", _P),
-        ("x", _P), ("h", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("scores", _P), ("xg", _P), ("qx", _P),
+        ("x", _P), ("h", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("scores", _P), ("xg", _P), ("xb", _P), ("qx", _P),
         ("sx", _P), ("qsum", _P)]
 
 
@@ -113,7 +114,11 @@ class NativeDecoder:
     """A Llama-family decoder held in runtime formats (see :mod:`slimformer.runtime.weights`)."""
 
     def __init__(self, config, layers: list[Layer], final_norm: torch.Tensor, lm_head: RtLinear, embed: RtLinear,
-                 inv_freq: torch.Tensor, attention_scaling: float = 1.0, eps: float = 1e-6):
+                 inv_freq: torch.Tensor, attention_scaling: float = 1.0, eps: float = 1e-6,
+                 activations: str = "fp32"):
+        if activations not in ACTIVATIONS:
+            raise GenerationError(f"unknown activations '{activations}' (choose from {', '.join(ACTIVATIONS)})")
+        self.activations = activations
         self.config = config
         self.layers, self.final_norm, self.lm_head, self.embed = layers, final_norm, lm_head, embed
         self.hidden = config.hidden_size
@@ -135,9 +140,12 @@ class NativeDecoder:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model, gguf_path: str | Path | None = None) -> "NativeDecoder":
+    def from_model(cls, model, gguf_path: str | Path | None = None, activations: str = "fp32") -> "NativeDecoder":
         """Build from a loaded HF model (nn.Linear or QuantLinear projections). With
-        ``gguf_path`` the linear weights come from that file's own quantised blocks."""
+        ``gguf_path`` the linear weights come from that file's own quantised blocks.
+        ``activations``: how decode multiplies int4/int8 weights — ``fp32`` (exact: the
+        dequantised model's arithmetic) or ``int8`` (activations rounded per block of 32,
+        integer dot products as in llama.cpp: faster, a small rounding error)."""
         check_supported(model)
         adapter = adapter_for(model)
         cfg = model.config
@@ -178,7 +186,7 @@ class NativeDecoder:
         rotary = inner.rotary_emb
         eps = getattr(cfg, "rms_norm_eps", 1e-6)
         return cls(cfg, layers, inner.norm.weight.detach().float().contiguous(), lm_head, embed,
-                   rotary.inv_freq.detach(), getattr(rotary, "attention_scaling", 1.0), eps)
+                   rotary.inv_freq.detach(), getattr(rotary, "attention_scaling", 1.0), eps, activations)
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The same float ops as HF's LlamaRotaryEmbedding, so positions match exactly.
@@ -194,7 +202,7 @@ class NativeDecoder:
 
     def describe(self) -> dict:
         kinds = sorted({W.KIND_NAMES[lin.kind] for l in self.layers for lin in l.linears()})
-        return {"layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind],
+        return {"layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind], "activations": self.activations,
                 "bytes_per_token": self.weight_bytes_per_token()}
 
     # ------------------------------------------------------------------ sessions
@@ -210,17 +218,17 @@ class NativeDecoder:
             "x": torch.empty(batch, D), "h": torch.empty(batch, max_k),
             "qkv": torch.empty(batch, (self.n_heads + 2 * self.n_kv) * hd),
             "att": torch.empty(batch, max(self.n_heads * hd, D)), "gu": torch.empty(batch, 2 * self.inter),
-            "scores": torch.empty(batch, self.n_heads, max_len), "xg": torch.empty(batch, max_k // 16 + 1),
-            "qx": torch.empty(batch, max_k, dtype=torch.int8), "sx": torch.empty(batch),
+            "scores": torch.empty(batch, self.n_heads, max_len), "xg": torch.empty(batch, max_k // 16 + 1), "xb": torch.empty(batch, max_k // 32 + 1),
+            "qx": torch.empty(batch, max_k, dtype=torch.int8), "sx": torch.empty(batch, max_k // 32 + 1),
             "qsum": torch.empty(batch, dtype=torch.int32),
         }
         sess = Session(batch, max_len, k, v, [0] * batch, torch.empty(batch, self.vocab),
                        torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32), buf)
         sess.c_model = _CModel(
             L, D, self.n_heads, self.n_kv, hd, self.inter, self.vocab, max_len, batch, self.max_positions, self.eps,
-            ctypes.addressof(self._layer_structs), _ptr(self.final_norm), _c_linear(self.lm_head),
+            int(self.activations == "int8"), ctypes.addressof(self._layer_structs), _ptr(self.final_norm), _c_linear(self.lm_head),
             _c_linear(self.embed), _ptr(self._cos), _ptr(self._sin), _ptr(k), _ptr(v),
-            *[_ptr(buf[n]) for n in ("x", "h", "qkv", "att", "gu", "scores", "xg", "qx", "sx", "qsum")])
+            *[_ptr(buf[n]) for n in ("x", "h", "qkv", "att", "gu", "scores", "xg", "xb", "qx", "sx", "qsum")])
         return sess
 
     # ------------------------------------------------------------------ prefill (torch)

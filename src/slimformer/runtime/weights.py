@@ -65,14 +65,15 @@ class RtLinear:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` codes 0..15 -> ``[N, K/2]`` bytes: every 16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4."""
+    """``[N, K]`` codes 0..15 -> ``[N, K/2]`` bytes in GGUF's Q4 block order: every 32
+    codes in 16 bytes, byte j = c[j] | c[j+16] << 4 (so GGUF blocks are copied as they are)."""
     N, K = codes.shape
-    c = codes.to(torch.uint8).reshape(N, K // 16, 2, 8)
+    c = codes.to(torch.uint8).reshape(N, K // 32, 2, 16)
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(N, K // 2).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    b = packed.reshape(N, K // 16, 8)
+    b = packed.reshape(N, K // 32, 16)
     return torch.cat([b & 0xF, b >> 4], dim=-1).reshape(N, K)
 
 
@@ -115,10 +116,13 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
         q = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         corr = (128 - zo[:, 0]).round().to(torch.int32).contiguous()
         return RtLinear(name, Q8A8, N, K, K, q, scale[:, 0].contiguous(), bias=bias, corr=corr)
+    if spec.bits <= 4:
+        if K % 32 or gs % 32:
+            return _fallback(name, module.dequantized_weight(), bias,
+                             f"4-bit layout needs K={K} and group size {gs} to be multiples of 32")
+        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), scale, (-zo * scale).contiguous(), bias)
     if K % 16 or gs % 16:
         return _fallback(name, module.dequantized_weight(), bias, f"K={K} and group size {gs} must be multiples of 16")
-    if spec.bits <= 4:
-        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), scale, (-zo * scale).contiguous(), bias)
     q = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
     minv = (128 - zo) * scale
     return RtLinear(name, Q8, N, K, gs, q, scale, None if not minv.any() else minv.contiguous(), bias)
@@ -174,10 +178,9 @@ def from_gguf_tensor(name: str, qtype: str, data: np.ndarray, N: int, K: int) ->
         minv = torch.from_numpy(raw[..., 2:4].copy().view(np.float16).astype(np.float32)).reshape(N, G)
     else:
         raise UnsupportedFormat(f"tensor {name}: GGUF type {qtype} has no runtime layout (Q4_0, Q4_1, Q8_0, F16, F32)")
-    # GGUF block: byte j holds element j (low nibble) and element j + 16 (high nibble).
-    qs_t = torch.from_numpy(qs.copy())
-    codes = torch.cat([qs_t & 0xF, qs_t >> 4], dim=-1).reshape(N, K)
-    return RtLinear(name, Q4, N, K, GGUF_BLOCK, pack_nibbles(codes), d.contiguous(), minv.contiguous())
+    # GGUF's nibble order is the runtime's (byte j: element j low, element j + 16 high): a copy.
+    packed = torch.from_numpy(np.ascontiguousarray(qs)).reshape(N, K // 2)
+    return RtLinear(name, Q4, N, K, GGUF_BLOCK, packed, d.contiguous(), minv.contiguous())
 
 
 def permute_rows(lin: RtLinear, index: torch.Tensor) -> RtLinear:
