@@ -37,3 +37,7 @@ class QuantConfigError(SlimformerError):
 
 class OutputExistsError(SlimformerError):
     """The output directory exists and --overwrite was not given."""
+
+
+class ParallelConfigError(SlimformerError):
+    """A tensor-parallel setting cannot apply (world size does not divide the heads, ...)."""
