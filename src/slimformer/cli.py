@@ -32,6 +32,16 @@ def _task_list(text: str) -> list[str]:
     return tasks
 
 
+def _competitors(text: str) -> list[str]:
+    from slimformer.runtime.bench import COMPETITORS
+
+    names = _names(text)
+    unknown = [n for n in names if n not in COMPETITORS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engine '{unknown[0]}' (choose from {', '.join(COMPETITORS)})")
+    return names
+
+
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -125,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
     p.add_argument("--json", dest="json_path", help="write the generations as JSON here")
 
+    p = sub.add_parser("bench", help="decode and prefill tokens/s of the native runtime vs Hugging Face and llama.cpp")
+    model_arg(p)
+    p.add_argument("--decode", action="store_true", help="time decode (default: both decode and prefill)")
+    p.add_argument("--prefill", action="store_true", help="time prefill")
+    p.add_argument("--vs", type=_competitors, default=[], help="comma-separated: hf, llama.cpp (llama.cpp needs a .gguf)")
+    p.add_argument("--new-tokens", type=_positive_int, default=128, help="decode tokens per timed run (default 128)")
+    p.add_argument("--prompt-len", type=_positive_int, default=512, help="prefill prompt length (default 512)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds after a warm-up (default 3)")
+    p.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
+                   help="decode arithmetic for quantised weights: fp32 (exact) or int8 (llama.cpp-style)")
+    p.add_argument("--head", choices=("model", "int8"), default="model", help="LM head as stored, or rounded to int8")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+
     sub.add_parser("recipes", help="list the built-in recipes")
 
     p = sub.add_parser("study-w8a8", help="W8A32 vs W32A8 vs W8A8: how much activation quantisation hurts")
@@ -163,6 +186,8 @@ def run(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        return _bench(args)
     # Cheap checks first, so a typo or a forgotten flag does not cost a model load.
     recipe = None
     if args.command == "compress":
@@ -244,6 +269,50 @@ def _generate(args) -> int:
         print(r.text if len(results) == 1 else f"[{i}] {r.text}")
     _write_json(args.json_path, {"engine": gen.engine_name, "generations": [vars(r) for r in results]})
     return 0
+
+
+def _bench(args) -> int:
+    from slimformer.models.load import load
+    from slimformer.runtime import bench
+    from slimformer.runtime.decoder import NativeDecoder, gguf_source_path
+
+    gguf = gguf_source_path(args.model)
+    if "llama.cpp" in args.vs and gguf is None:
+        raise SlimformerError("--vs llama.cpp needs a .gguf model (llama.cpp runs GGUF files only)")
+    threads = torch_threads()
+    model, tokenizer = load(args.model, trust_pickle=args.trust_pickle)
+    decoder = NativeDecoder.from_model(model, gguf_path=gguf, activations=args.activations, head=args.head)
+    engines = [bench.native_timed("slimformer", decoder)]
+    if "hf" in args.vs:
+        engines.append(bench.hf_timed(model))
+    if "llama.cpp" in args.vs:
+        engines.append(bench.llama_cpp_timed(str(gguf), threads, context=args.prompt_len + args.new_tokens + 8))
+    decode, prefill = (args.decode or not args.prefill), (args.prefill or not args.decode)
+    prompt = tokenizer("The capital of France is").input_ids
+    long_prompt = bench.prompt_of_length(tokenizer, args.prompt_len) if prefill else None
+    results = bench.run_benchmark(engines, prompt, long_prompt, args.new_tokens, args.repeats, decode,
+                                  progress=not args.quiet)
+    bandwidth = bench.stream_bandwidth() if decode else None
+    if bandwidth:
+        bench.add_roofline(results, bandwidth)
+    for name, row in results.items():
+        parts = [f"{name:12s}"]
+        if "decode_tok_s" in row:
+            parts.append(f"decode {row['decode_tok_s']['median']:7.1f} tok/s")
+        if "roofline_fraction" in row:
+            parts.append(f"({100 * row['roofline_fraction']:.0f}% of roofline)")
+        if "prefill_tok_s" in row:
+            parts.append(f"prefill {row['prefill_tok_s']['median']:7.1f} tok/s")
+        print("  ".join(parts))
+    _write_json(args.json_path, {"model": args.model, "threads": threads, "bandwidth_bytes_s": bandwidth,
+                                 "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "results": results})
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ from slimformer.runtime.weights import RtLinear
 
 _SRC = Path(__file__).with_name("_decoder.cpp")
 ACTIVATIONS = ("fp32", "int8")  # how decode multiplies quantised weights (see NativeDecoder.from_model)
+HEADS = ("model", "int8")  # the LM head as the model has it, or rounded to int8
 _lib: ctypes.CDLL | None = None
 
 
@@ -140,12 +141,18 @@ class NativeDecoder:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model, gguf_path: str | Path | None = None, activations: str = "fp32") -> "NativeDecoder":
+    def from_model(cls, model, gguf_path: str | Path | None = None, activations: str = "fp32",
+                   head: str = "model") -> "NativeDecoder":
         """Build from a loaded HF model (nn.Linear or QuantLinear projections). With
         ``gguf_path`` the linear weights come from that file's own quantised blocks.
         ``activations``: how decode multiplies int4/int8 weights — ``fp32`` (exact: the
         dequantised model's arithmetic) or ``int8`` (activations rounded per block of 32,
-        integer dot products as in llama.cpp: faster, a small rounding error)."""
+        integer dot products as in llama.cpp: faster, a small rounding error).
+        ``head``: ``model`` keeps the LM head as the model has it; ``int8`` rounds an fp32
+        head to int8 per output row (RTN, symmetric), as llama.cpp ships Q8_0 heads: the
+        head is a fifth of SmolLM2's weights, so in fp32 it alone costs 113 MB per token."""
+        if head not in HEADS:
+            raise GenerationError(f"unknown head '{head}' (choose from {', '.join(HEADS)})")
         check_supported(model)
         adapter = adapter_for(model)
         cfg = model.config
@@ -177,9 +184,12 @@ class NativeDecoder:
             lm_head = gguf["embed_tokens"]
         else:
             lm_head = W.from_module("lm_head", head_module)
+        rounded_here = head == "int8" and lm_head.kind == W.F32
+        if rounded_here:  # the embedding stays exact: only the head's matvec gets cheaper
+            lm_head = W.quantize_rtn("lm_head", lm_head.w, lm_head.bias, bits=8)
         if "embed_tokens" in gguf and gguf["embed_tokens"].kind in (W.F32, W.Q8):
             embed = gguf["embed_tokens"]
-        elif tied and lm_head.kind in (W.F32, W.Q8):
+        elif tied and not rounded_here and lm_head.kind in (W.F32, W.Q8):
             embed = lm_head  # one copy of the tied table: rows looked up, the same bytes multiplied
         else:
             embed = W.from_dense("embed_tokens", emb_module.weight, None)
