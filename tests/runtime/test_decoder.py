@@ -1,5 +1,7 @@
 """Native decoder: equal to the Hugging Face computation, in every weight format."""
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from slimformer.models.tiny import tiny_model
 from slimformer.quant.modules import QuantLinear
 from slimformer.quant.rtn import RTN
 from slimformer.runtime import weights as W
-from slimformer.runtime.decoder import GenerationError, NativeDecoder, _gguf_row_order
+from slimformer.runtime.decoder import GenerationError, NativeDecoder, _c_linear, _gguf_row_order, native_library
 from slimformer.errors import UnsupportedArchitectureError
 
 ATOL = 1e-4  # fp32, different summation order from torch's GEMMs
@@ -128,6 +130,10 @@ def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M):
         lin = W.from_dense("t", torch.randn(N, K, generator=g), bias)
     got, ref, _ = _native_vs_reference(lin, M, dec)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    if kind != "f32":  # the prefill path's tile dequantisation is exact
+        tile = torch.empty(N - 2, K)
+        native_library().sf_dequant_rows(ctypes.byref(_c_linear(lin)), 1, N - 1, tile.data_ptr(), 2)
+        assert torch.equal(tile, lin.dequantize()[1:N - 1])
 
 
 def _emulate_act8(lin: W.RtLinear, x: torch.Tensor) -> torch.Tensor:

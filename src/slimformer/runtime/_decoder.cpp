@@ -473,7 +473,7 @@ void sf_linear(const SfModel* mp, const SfLinear* Lp, const float* x, int M, flo
 }
 
 // Dequantise rows [n0, n1) of a Q8/Q4 linear to fp32 (exact: c * scale + minv), for the
-// prefill path (dequantise a tile, then one fp32 GEMM).
+// prefill path (dequantise a tile, then one fp32 GEMM). K and gs are multiples of 16.
 void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
     const SfLinear& L = *Lp;
     const int K = L.K, gs = L.gs, G = K / gs;
@@ -482,16 +482,26 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
         float* o = out + (int64_t)(n - n0) * K;
         const float* sc = L.scale + (int64_t)n * G;
         const float* mv = L.minv ? L.minv + (int64_t)n * G : nullptr;
-        for (int k = 0; k < K; ++k) {
-            float c;
-            if (L.kind == Q4) {
-                uint8_t byte = ((const uint8_t*)L.w)[(int64_t)n * K / 2 + (k / 32) * 16 + (k % 16)];
-                c = (float)((k % 32) < 16 ? (byte & 0xF) : (byte >> 4));
-            } else {
-                c = (float)((const int8_t*)L.w)[(int64_t)n * K + k];
+        if (L.kind == Q4) {
+            const uint8_t* r = (const uint8_t*)L.w + (int64_t)n * K / 2;
+            for (int k = 0; k < K; k += 32) {
+                __m256i c = q4_codes32(r + k / 2);   // codes k..k+31 in order
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(mv ? mv[k / gs] : 0.f);
+                __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+                __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                for (int j = 0; j < 4; ++j) {
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+                    // c * s + m with one rounding of each product, as the reference computes
+                    _mm256_storeu_ps(o + k + 8 * j, _mm256_add_ps(_mm256_mul_ps(f, s), m));
+                }
             }
-            float v = c * sc[k / gs];
-            o[k] = mv ? v + mv[k / gs] : v;
+        } else {
+            const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
+            for (int k = 0; k < K; k += 8) {
+                __m256 f = ld_i8(r + k);
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(mv ? mv[k / gs] : 0.f);
+                _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(f, s), m));
+            }
         }
     }
 }
