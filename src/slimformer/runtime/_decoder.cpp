@@ -23,6 +23,7 @@
 //      small activation rounding error (measured in benchmarks/results/runtime.json).
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,10 +45,23 @@ struct SfLayer {
     SfLinear gate_up, down;
 };
 
+// Per-thread scratch: every thread prepares a linear layer's input itself (RMSNorm,
+// group sums, int8 rounding: a few thousand values) instead of sharing it behind a
+// barrier; barriers cost more than the duplicated work at batch 1.
+struct SfScratch {
+    float* h;        // [B, max K] normalised input
+    float* xg;       // [B, max K / 16] group sums of x
+    float* xb;       // [B, max K / 32] act8: block sums of the rounded x (d * sum q)
+    int8_t* qx;      // [B, max K]
+    float* sx;       // [B] (Q8A8) | [B, max K / 32] (act8 block scales)
+    int32_t* qsum;   // [B]
+};
+
 struct SfModel {
     int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_len, max_batch, max_pos;
     float eps;
     int32_t act8;                 // see above
+    int32_t n_scratch;            // threads the scratch was allocated for
     const SfLayer* layers;
     const float* final_norm;
     SfLinear lm_head;
@@ -56,18 +70,14 @@ struct SfModel {
     const float* rope_sin;
     float* k_cache;               // [n_layers, max_batch, n_kv, max_len, head_dim]
     float* v_cache;
-    // scratch, sized for max_batch tokens
+    // shared activations, sized for max_batch tokens
     float* x;        // [B, hidden] residual stream
-    float* h;        // [B, max(hidden, inter)]
     float* qkv;      // [B, (n_heads + 2 n_kv) head_dim]
     float* att;      // [B, n_heads head_dim]
     float* gu;       // [B, 2 inter]
+    float* act;      // [B, inter]
     float* scores;   // [B, n_heads, max_len]
-    float* xg;       // [B, max K / 16] group sums of x
-    float* xb;       // [B, max K / 32] act8: block sums of the rounded x (d * sum q)
-    int8_t* qx;      // [B, max K]
-    float* sx;       // [B] (Q8A8) | [B, max K / 32] (act8 block scales)
-    int32_t* qsum;   // [B]
+    SfScratch* scratch;  // [n_scratch]
 };
 
 static inline float hsum8(__m256 v) {
@@ -237,13 +247,13 @@ static inline int32_t idot(const int8_t* a, const int8_t* b, int K) {
 }
 
 template <int MT>
-static inline void rows_dispatch(const SfModel& m, const SfLinear& L, bool a8, int n, int t0, const float* x,
+static inline void rows_dispatch(const SfScratch& S, const SfLinear& L, bool a8, int n, int t0, const float* x,
                                  float* out) {
     const int K = L.K, gs = L.gs, G = K / gs;
     const float* sc = L.scale + (int64_t)n * G;
     if (a8) {
-        const int8_t* qx = m.qx + (int64_t)t0 * K;
-        const float* dx = m.sx + (int64_t)t0 * (K / 32);
+        const int8_t* qx = S.qx + (int64_t)t0 * K;
+        const float* dx = S.sx + (int64_t)t0 * (K / 32);
         if (L.kind == Q4) row_q4_a8<MT>((const uint8_t*)L.w + (int64_t)n * K / 2, sc, K, gs, qx, dx, out);
         else row_q8_a8<MT>((const int8_t*)L.w + (int64_t)n * K, sc, K, gs, qx, dx, out);
         return;
@@ -255,12 +265,13 @@ static inline void rows_dispatch(const SfModel& m, const SfLinear& L, bool a8, i
     }
 }
 
-// y[M, N] = x[M, K] W^T + bias. Called by every thread of the enclosing parallel region
-// (orphaned worksharing); ends with a barrier, so y is complete on return.
-static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, float* y) {
+// y[M, N] = x[M, K] W^T + bias (accumulate: y += ...). Called by every thread of the
+// enclosing parallel region (orphaned worksharing): each prepares x in its own scratch,
+// the rows are split between threads, and the closing barrier makes y complete.
+static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, float* y, bool accumulate = false) {
     const int N = L.N, K = L.K, gs = L.gs, G = K / gs;
+    const SfScratch& S = m.scratch[omp_get_thread_num()];
     if (L.kind == Q8A8) {
-#pragma omp for schedule(static)
         for (int t = 0; t < M; ++t) {
             // Same IEEE operations as primitives.fake_quantize_activation (per token, symmetric).
             const float* xt = x + (int64_t)t * K;
@@ -271,19 +282,20 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             for (int k = 0; k < K; ++k) {
                 float q = rintf(xt[k] / s);
                 q = fminf(fmaxf(q, -128.f), 127.f);
-                m.qx[(int64_t)t * K + k] = (int8_t)q;
+                S.qx[(int64_t)t * K + k] = (int8_t)q;
                 qs += (int32_t)q;
             }
-            m.sx[t] = s;
-            m.qsum[t] = qs;
+            S.sx[t] = s;
+            S.qsum[t] = qs;
         }
 #pragma omp for schedule(static)
         for (int n = 0; n < N; ++n) {
             const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
             for (int t = 0; t < M; ++t) {
-                int32_t acc = idot(m.qx + (int64_t)t * K, r, K) + L.corr[n] * m.qsum[t];
-                float v = (float)acc * (m.sx[t] * L.scale[n]);
-                y[(int64_t)t * N + n] = L.bias ? v + L.bias[n] : v;
+                int32_t acc = idot(S.qx + (int64_t)t * K, r, K) + L.corr[n] * S.qsum[t];
+                float v = (float)acc * (S.sx[t] * L.scale[n]);
+                if (L.bias) v += L.bias[n];
+                y[(int64_t)t * N + n] = accumulate ? y[(int64_t)t * N + n] + v : v;
             }
         }
         return;
@@ -291,32 +303,29 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
     const bool a8 = m.act8 && (L.kind == Q8 || L.kind == Q4) && K % 32 == 0 && gs % 32 == 0;
     if (a8) {   // x -> int8 blocks of 32: scale amax/127, round to nearest
         const int KB = K / 32;
-#pragma omp for schedule(static)
         for (int i = 0; i < M * KB; ++i) {
             const float* xb = x + (int64_t)(i / KB) * K + (int64_t)(i % KB) * 32;
             float amax = 0.f;
             for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(xb[k]));
             float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            int8_t* q = m.qx + (int64_t)(i / KB) * K + (int64_t)(i % KB) * 32;
+            int8_t* q = S.qx + (int64_t)(i / KB) * K + (int64_t)(i % KB) * 32;
             int32_t qs = 0;
             for (int k = 0; k < 32; ++k) { q[k] = (int8_t)rintf(xb[k] * id); qs += q[k]; }
-            m.sx[i] = d;
-            m.xb[i] = d * (float)qs;
+            S.sx[i] = d;
+            S.xb[i] = d * (float)qs;
         }
         // The offset term uses the same rounded x as the code term, so the rounding error
         // is that of the real weights (not of codes 0..15, which all share a sign).
         if (L.minv) {
             const int BPG = gs / 32;
-#pragma omp for schedule(static)
             for (int i = 0; i < M * G; ++i) {
                 float acc = 0.f;
-                for (int j = 0; j < BPG; ++j) acc += m.xb[(int64_t)(i / G) * KB + (i % G) * BPG + j];
-                m.xg[i] = acc;
+                for (int j = 0; j < BPG; ++j) acc += S.xb[(int64_t)(i / G) * KB + (i % G) * BPG + j];
+                S.xg[i] = acc;
             }
         }
     } else if (L.minv) {
-#pragma omp for schedule(static)
-        for (int i = 0; i < M * G; ++i) m.xg[i] = sum_f32(x + (int64_t)(i / G) * K + (int64_t)(i % G) * gs, gs);
+        for (int i = 0; i < M * G; ++i) S.xg[i] = sum_f32(x + (int64_t)(i / G) * K + (int64_t)(i % G) * gs, gs);
     }
 #pragma omp for schedule(static)
     for (int n = 0; n < N; ++n) {
@@ -325,34 +334,38 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             const float* xt = x + (int64_t)t0 * K;
             int mt = M - t0 < 4 ? M - t0 : 4;
             switch (mt) {
-                case 1: rows_dispatch<1>(m, L, a8, n, t0, xt, out); break;
-                case 2: rows_dispatch<2>(m, L, a8, n, t0, xt, out); break;
-                case 3: rows_dispatch<3>(m, L, a8, n, t0, xt, out); break;
-                default: rows_dispatch<4>(m, L, a8, n, t0, xt, out); break;
+                case 1: rows_dispatch<1>(S, L, a8, n, t0, xt, out); break;
+                case 2: rows_dispatch<2>(S, L, a8, n, t0, xt, out); break;
+                case 3: rows_dispatch<3>(S, L, a8, n, t0, xt, out); break;
+                default: rows_dispatch<4>(S, L, a8, n, t0, xt, out); break;
             }
             for (int t = 0; t < mt; ++t) {
                 float v = out[t];
                 if (L.minv) {
                     const float* mv = L.minv + (int64_t)n * G;
-                    const float* xg = m.xg + (int64_t)(t0 + t) * G;
+                    const float* xg = S.xg + (int64_t)(t0 + t) * G;
                     for (int g = 0; g < G; ++g) v += mv[g] * xg[g];
                 }
-                y[(int64_t)(t0 + t) * N + n] = L.bias ? v + L.bias[n] : v;
+                if (L.bias) v += L.bias[n];
+                float* dst = y + (int64_t)(t0 + t) * N + n;
+                *dst = accumulate ? *dst + v : v;
             }
         }
     }
 }
 
-// HF LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)).
-static void rmsnorm(const float* x, const float* w, float* out, int M, int D, float eps) {
-#pragma omp for schedule(static)
+// HF LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)). Each thread normalises the
+// M rows into its own scratch (no worksharing, no barrier).
+static const float* rmsnorm(const SfModel& m, const float* x, const float* w, int M, int D) {
+    float* out = m.scratch[omp_get_thread_num()].h;
     for (int t = 0; t < M; ++t) {
         const float* xt = x + (int64_t)t * D;
         float ss = 0.f;
         for (int i = 0; i < D; ++i) ss += xt[i] * xt[i];
-        float r = 1.f / sqrtf(ss / D + eps);
+        float r = 1.f / sqrtf(ss / D + m.eps);
         for (int i = 0; i < D; ++i) out[(int64_t)t * D + i] = w[i] * (xt[i] * r);
     }
+    return out;
 }
 
 // HF rotate_half convention: pairs (i, i + hd/2).
@@ -375,6 +388,7 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
     const int QKV = (nh + 2 * nkv) * hd, rep = nh / nkv;
     const float scale = 1.f / sqrtf((float)hd);
     const int64_t lay_stride = (int64_t)m.max_batch * nkv * m.max_len * hd;
+    if (nt > m.n_scratch) nt = m.n_scratch;
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -397,8 +411,7 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
             const SfLayer& L = m.layers[l];
             float* kc = m.k_cache + l * lay_stride;
             float* vc = m.v_cache + l * lay_stride;
-            rmsnorm(m.x, L.attn_norm, m.h, B, D, m.eps);
-            linear(m, L.qkv, m.h, B, m.qkv);
+            linear(m, L.qkv, rmsnorm(m, m.x, L.attn_norm, B, D), B, m.qkv);
             // RoPE on q and k heads, then k and v into the cache at pos[b].
 #pragma omp for schedule(static)
             for (int i = 0; i < B * (nh + nkv); ++i) {
@@ -444,30 +457,25 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
                     for (int k = 0; k < hd; ++k) o[k] += p * vt[k];
                 }
             }
-            linear(m, L.o, m.att, B, m.h);
-#pragma omp for schedule(static)
-            for (int i = 0; i < B * D; ++i) m.x[i] += m.h[i];
-            rmsnorm(m.x, L.mlp_norm, m.h, B, D, m.eps);
-            linear(m, L.gate_up, m.h, B, m.gu);
+            linear(m, L.o, m.att, B, m.x, /*accumulate=*/true);   // x += o(att)
+            linear(m, L.gate_up, rmsnorm(m, m.x, L.mlp_norm, B, D), B, m.gu);
             // SiLU(gate) * up, written over the gate half: gu row = [gate | up].
 #pragma omp for schedule(static)
             for (int i = 0; i < B * I; ++i) {
                 int b = i / I, j = i % I;
                 float g = m.gu[(int64_t)b * 2 * I + j], u = m.gu[(int64_t)b * 2 * I + I + j];
-                m.h[i] = g / (1.f + expf(-g)) * u;
+                m.act[i] = g / (1.f + expf(-g)) * u;
             }
-            linear(m, L.down, m.h, B, m.att);   // att is free here: reuse as [B, D] output
-#pragma omp for schedule(static)
-            for (int i = 0; i < B * D; ++i) m.x[i] += m.att[i];
+            linear(m, L.down, m.act, B, m.x, /*accumulate=*/true);   // x += down(act)
         }
-        rmsnorm(m.x, m.final_norm, m.h, B, D, m.eps);
-        linear(m, m.lm_head, m.h, B, logits);
+        linear(m, m.lm_head, rmsnorm(m, m.x, m.final_norm, B, D), B, logits);
     }
 }
 
 // One linear layer on its own (tests and benchmarks): y[M, N] = x[M, K] W^T + bias.
 // Scratch (xg, qx, sx, qsum) comes from the session model m.
 void sf_linear(const SfModel* mp, const SfLinear* Lp, const float* x, int M, float* y, int nt) {
+    if (nt > mp->n_scratch) nt = mp->n_scratch;
 #pragma omp parallel num_threads(nt)
     linear(*mp, *Lp, x, M, y);
 }

@@ -46,13 +46,17 @@ class _CLayer(ctypes.Structure):
                 ("gate_up", _CLinear), ("down", _CLinear)]
 
 
+class _CScratch(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("h", "xg", "xb", "qx", "sx", "qsum")]
+
+
 class _CModel(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
                                               "max_len", "max_batch", "max_pos")] + [
-        ("eps", ctypes.c_float), ("act8", ctypes.c_int32), ("layers", _P), ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear),
-        ("rope_cos", _P), ("rope_sin", _P), ("k_cache", _P), ("v_cache", _P),
-        ("x", _P), ("h", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("scores", _P), ("xg", _P), ("xb", _P), ("qx", _P),
-        ("sx", _P), ("qsum", _P)]
+        ("eps", ctypes.c_float), ("act8", ctypes.c_int32), ("n_scratch", ctypes.c_int32), ("layers", _P),
+        ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear), ("rope_cos", _P), ("rope_sin", _P),
+        ("k_cache", _P), ("v_cache", _P), ("x", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("act", _P),
+        ("scores", _P), ("scratch", _P)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -225,20 +229,26 @@ class NativeDecoder:
         v = torch.zeros_like(k)
         max_k = max(D, self.inter, self.n_heads * hd)
         buf = {
-            "x": torch.empty(batch, D), "h": torch.empty(batch, max_k),
-            "qkv": torch.empty(batch, (self.n_heads + 2 * self.n_kv) * hd),
-            "att": torch.empty(batch, max(self.n_heads * hd, D)), "gu": torch.empty(batch, 2 * self.inter),
-            "scores": torch.empty(batch, self.n_heads, max_len), "xg": torch.empty(batch, max_k // 16 + 1), "xb": torch.empty(batch, max_k // 32 + 1),
-            "qx": torch.empty(batch, max_k, dtype=torch.int8), "sx": torch.empty(batch, max_k // 32 + 1),
-            "qsum": torch.empty(batch, dtype=torch.int32),
+            "x": torch.empty(batch, D), "qkv": torch.empty(batch, (self.n_heads + 2 * self.n_kv) * hd),
+            "att": torch.empty(batch, self.n_heads * hd), "gu": torch.empty(batch, 2 * self.inter),
+            "act": torch.empty(batch, self.inter), "scores": torch.empty(batch, self.n_heads, max_len),
         }
+        threads = max(1, torch.get_num_threads())
+        per_thread = [{
+            "h": torch.empty(batch, max_k), "xg": torch.empty(batch, max_k // 16 + 1),
+            "xb": torch.empty(batch, max_k // 32 + 1), "qx": torch.empty(batch, max_k, dtype=torch.int8),
+            "sx": torch.empty(batch, max_k // 32 + 1), "qsum": torch.empty(batch, dtype=torch.int32),
+        } for _ in range(threads)]
+        scratch = (_CScratch * threads)(*[_CScratch(*[_ptr(t[n]) for n in ("h", "xg", "xb", "qx", "sx", "qsum")])
+                                          for t in per_thread])
+        buf["per_thread"], buf["scratch_structs"] = per_thread, scratch
         sess = Session(batch, max_len, k, v, [0] * batch, torch.empty(batch, self.vocab),
                        torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32), buf)
         sess.c_model = _CModel(
             L, D, self.n_heads, self.n_kv, hd, self.inter, self.vocab, max_len, batch, self.max_positions, self.eps,
-            int(self.activations == "int8"), ctypes.addressof(self._layer_structs), _ptr(self.final_norm), _c_linear(self.lm_head),
-            _c_linear(self.embed), _ptr(self._cos), _ptr(self._sin), _ptr(k), _ptr(v),
-            *[_ptr(buf[n]) for n in ("x", "h", "qkv", "att", "gu", "scores", "xg", "xb", "qx", "sx", "qsum")])
+            int(self.activations == "int8"), threads, ctypes.addressof(self._layer_structs), _ptr(self.final_norm),
+            _c_linear(self.lm_head), _c_linear(self.embed), _ptr(self._cos), _ptr(self._sin), _ptr(k), _ptr(v),
+            *[_ptr(buf[n]) for n in ("x", "qkv", "att", "gu", "act", "scores")], ctypes.addressof(scratch))
         return sess
 
     # ------------------------------------------------------------------ prefill (torch)
