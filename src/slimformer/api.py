@@ -247,5 +247,5 @@ def _output_dir(out, overwrite: bool):
 def _speed(source: str, new_tokens: int, repeats: int) -> dict:
     measured = cost.measure_in_subprocess(source, new_tokens=new_tokens, repeats=repeats,
                                           threads=torch.get_num_threads())
-    keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_ms", "peak_rss_bytes")
+    keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_ms", "peak_rss_bytes", "engine")
     return {k: measured.get(k) for k in keep}

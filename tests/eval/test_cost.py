@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from slimformer.eval import cost
@@ -16,9 +17,11 @@ def test_a_measured_child_reports_its_own_peak_memory_not_its_parents(tmp_path):
     del ballast
 
 
-def test_decode_rate_cancels_prefill_and_set_up():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family,engine", [("llama", "native"), ("gpt2", "hf")])
+def test_decode_rate_cancels_prefill_and_set_up(family, engine):
+    model = tiny_model(family)
     result = cost.measure_speed(model, prompt_len=16, new_tokens=5, repeats=1)
+    assert result["engine"] == engine  # the native runtime wherever it runs the model
     assert result["decode_latency_ms"] == 1000 / result["decode_tokens_per_s"]
     lo, hi = result["decode_tokens_per_s_range"]
     assert lo <= result["decode_tokens_per_s"] <= hi

@@ -67,25 +67,50 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
+def _native_decoder(model):
+    """The native runtime for ``model`` if it can run it (Llama family), else None."""
+    from slimformer.errors import SlimformerError
+    from slimformer.runtime.decoder import NativeDecoder, check_supported
+    from slimformer.runtime.weights import UnsupportedFormat
+
+    try:
+        check_supported(model)
+        return NativeDecoder.from_model(model)
+    except (SlimformerError, UnsupportedFormat, RuntimeError):
+        return None
+
+
 @torch.inference_mode()
 def measure_speed(model, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
-                  decode: bool = True, prefill: bool = True) -> dict:
+                  decode: bool = True, prefill: bool = True, engine: str = "auto") -> dict:
     """Prefill tokens/s over a ``prompt_len`` prompt; decode tokens/s at batch 1,
-    greedy, ``new_tokens`` forced (EOS ignored), after an 8-token prompt."""
+    greedy, ``new_tokens`` forced (EOS ignored), after an 8-token prompt. ``engine``:
+    ``native`` (slimformer.runtime), ``hf`` (model.generate) or ``auto`` (native when
+    the runtime supports the model)."""
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    result: dict = {}
+    native = _native_decoder(model) if engine in ("auto", "native") and decode else None
+    result: dict = {"engine": "native" if native is not None else "hf"}
     if prefill:
         ids = torch.randint(0, vocab, (1, prompt_len), generator=generator)
-        times = _time(lambda: model(input_ids=ids, use_cache=True), repeats)
+        if native is not None:
+            times = _time(lambda: native.prefill(native.new_session(1, prompt_len), [ids[0].tolist()]), repeats)
+        else:
+            times = _time(lambda: model(input_ids=ids, use_cache=True), repeats)
         result["prefill_tokens_per_s"] = prompt_len / statistics.median(times)
         result["prefill_tokens_per_s_range"] = [prompt_len / max(times), prompt_len / min(times)]
     if decode:
         prompt = torch.randint(0, vocab, (1, 8), generator=generator)
 
         def generate(n):
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+            if native is not None:
+                sess = native.new_session(1, 8 + n)
+                tok = int(native.prefill(sess, [prompt[0].tolist()])[0].argmax())
+                for _ in range(n - 1):
+                    tok = int(native.decode(sess, [tok])[0].argmax())
+                return
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
 
         one = statistics.median(_time(lambda: generate(1), repeats))
         many = _time(lambda: generate(new_tokens), repeats)
