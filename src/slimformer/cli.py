@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="auto", help="native (Llama family), hf, or auto (default)")
     p.add_argument("--weights", choices=("auto", "gguf", "dequantized"), default="auto",
                    help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
+    p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                   help="split the layers over N processes (torch.distributed; greedy, one prompt)")
     p.add_argument("--json", dest="json_path", help="write the generations as JSON here")
 
     p = sub.add_parser("bench", help="decode and prefill tokens/s of the native runtime vs Hugging Face and llama.cpp")
@@ -254,6 +256,8 @@ def _generate(args) -> int:
     SamplingConfig(**sampling)  # bad values fail before the model loads
     if args.stream and len(args.prompt) > 1:
         raise SlimformerError("--stream takes one --prompt")
+    if args.tensor_parallel > 1:
+        return _generate_tensor_parallel(args)
     gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights, trust_pickle=args.trust_pickle)
     prompts = args.prompt
     if args.chat:
@@ -268,6 +272,34 @@ def _generate(args) -> int:
     for i, r in enumerate(results):
         print(r.text if len(results) == 1 else f"[{i}] {r.text}")
     _write_json(args.json_path, {"engine": gen.engine_name, "generations": [vars(r) for r in results]})
+    return 0
+
+
+def _generate_tensor_parallel(args) -> int:
+    """Greedy generation with the layers split over processes (runtime.parallel)."""
+    import torch
+
+    from slimformer.models.load import load
+    from slimformer.runtime.generate import stop_token_ids
+    from slimformer.runtime.parallel import plan_tensor_parallel, tp_generate_greedy
+
+    if args.temperature or len(args.prompt) > 1 or args.stream:
+        raise SlimformerError("--tensor-parallel runs greedy decoding of one --prompt (no --temperature, --stream)")
+    model, tokenizer = load(args.model, trust_pickle=args.trust_pickle)
+    plan_tensor_parallel(model, args.tensor_parallel)  # a size that does not divide heads or rows fails here
+    prompt = args.prompt[0]
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    out = tp_generate_greedy(args.model, ids, args.max_new_tokens, args.tensor_parallel)[0, ids.shape[1]:].tolist()
+    eos = stop_token_ids(model, tokenizer)
+    if not args.ignore_eos:
+        out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    text = tokenizer.decode(out, skip_special_tokens=False)
+    print(text)
+    _write_json(args.json_path, {"engine": f"hf, tensor-parallel x{args.tensor_parallel}",
+                                 "generations": [{"prompt": args.prompt[0], "text": text, "token_ids": out}]})
     return 0
 
 

@@ -164,3 +164,14 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_cli_generate_tensor_parallel_equals_one_process(saved_llama, capsys):
+    common = ["generate", str(saved_llama), "--prompt", PROMPTS[2], "--max-new-tokens", "8", "--ignore-eos"]
+    assert main(common) == 0
+    single = capsys.readouterr().out
+    assert main(common + ["--tensor-parallel", "2"]) == 0
+    assert capsys.readouterr().out == single
+    assert main(common + ["--tensor-parallel", "3"]) == 2  # 4 heads do not split 3 ways
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not divide" in err[0]

@@ -137,13 +137,13 @@ class Generator:
             try:
                 check_supported(model)
                 runner = NativeDecoder.from_model(model, gguf_path=gguf_path)
-                return cls(runner, tokenizer, "native", _eos_ids(model, tokenizer))
+                return cls(runner, tokenizer, "native", stop_token_ids(model, tokenizer))
             except (UnsupportedFormat, SlimformerError, RuntimeError) as exc:
                 if engine == "native":
                     raise GenerationError(f"native engine cannot run this model: {exc}") from None
                 warnings.warn(f"slimformer.generate: using the Hugging Face engine ({exc})", RuntimeWarning,
                               stacklevel=2)
-        return cls(HFEngine(model), tokenizer, "hf", _eos_ids(model, tokenizer))
+        return cls(HFEngine(model), tokenizer, "hf", stop_token_ids(model, tokenizer))
 
     @classmethod
     def from_source(cls, source: str, engine: str = "auto", weights: str = "auto", trust_pickle: bool = False
@@ -260,7 +260,7 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def stop_token_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     gen_cfg = getattr(model, "generation_config", None)
     for source in (getattr(gen_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
