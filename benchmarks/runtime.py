@@ -78,6 +78,55 @@ def nll_decode_path(decoder: NativeDecoder, windows) -> tuple[float, int]:
     return nll, n
 
 
+def batched_prefill(decoder: NativeDecoder, model, tok, repeats: int) -> dict:
+    """Padding removal for batched prefill: 8 real prompts of spread-out lengths, packed
+    (no pad tokens computed) vs the same batch padded to its longest prompt (what a padded
+    batch computes: pads appended, causal attention keeps real tokens' outputs) vs HF eager
+    with a padded batch."""
+    import statistics
+
+    paragraphs = [p for p in load_text("pydoc").text.split("\n\n") if len(p) > 80]
+    lengths = [24, 40, 64, 96, 128, 192, 256, 384]  # a realistic spread, longest/shortest = 16
+    prompts, i = [], 0
+    for n in lengths:
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += tok(paragraphs[i % len(paragraphs)]).input_ids
+            i += 1
+        prompts.append(ids[:n])
+    longest = max(lengths)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    padded = [p + [pad] * (longest - len(p)) for p in prompts]
+    attn = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts])
+
+    def packed_run():
+        decoder.prefill(decoder.new_session(len(prompts), longest + 1), prompts)
+
+    def padded_run():
+        decoder.prefill(decoder.new_session(len(prompts), longest + 1), padded)
+
+    @torch.inference_mode()
+    def hf_run():
+        model(torch.tensor(padded), attention_mask=attn, use_cache=True)
+
+    runs = {"native packed": packed_run, "native padded": padded_run, "hf eager padded": hf_run}
+    times = {k: [] for k in runs}
+    for r in range(repeats + 1):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[k].append(time.perf_counter() - t)
+    real = sum(lengths)
+    out = {"lengths": lengths, "real_tokens": real, "padded_tokens": longest * len(lengths),
+           "padding_fraction": 1 - real / (longest * len(lengths))}
+    for k, ts in times.items():
+        out[k] = {"real_tok_s": real / statistics.median(ts), "seconds_median": statistics.median(ts)}
+    out["packed_over_padded"] = times["native padded"] and (statistics.median(times["native padded"])
+                                                            / statistics.median(times["native packed"]))
+    return out
+
+
 def ppl(nll_n) -> float:
     return math.exp(nll_n[0] / nll_n[1])
 
@@ -122,6 +171,8 @@ def main() -> int:
     speed = bench.run_benchmark(engines, prompt, long_prompt, 32 if args.quick else 128, args.repeats)
     bandwidth = bench.stream_bandwidth()
     bench.add_roofline(speed, bandwidth)
+    batch_prefill = batched_prefill(paths["fp32"][0], model, tok, args.repeats)
+    print(json.dumps(batch_prefill, indent=1), file=sys.stderr)
     print(json.dumps({k: (v.get("decode_tok_s", {}).get("median"), v.get("prefill_tok_s", {}).get("median"))
                       for k, v in speed.items()}, indent=1), file=sys.stderr)
 
@@ -154,6 +205,7 @@ def main() -> int:
                      "int8 head": "rtn rows quantise the fp32 LM head to int8 per row (llama.cpp ships Q8_0)"},
         "bandwidth_bytes_s": bandwidth,
         "speed": speed,
+        "batched_prefill": batch_prefill,
         "quality": quality,
         "seconds": time.time() - t_start,
     }

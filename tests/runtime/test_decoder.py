@@ -114,12 +114,14 @@ def _native_vs_reference(lin: W.RtLinear, M: int, dec: NativeDecoder, seed=0):
 @pytest.mark.parametrize("kind,N,K,gs", [("q4", 37, 96, 32), ("q4", 5, 64, 64), ("q8", 41, 48, 16),
                                          ("q8", 7, 96, 32), ("f32", 13, 40, 40)])
 @pytest.mark.parametrize("M", [1, 3, 6])
-def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M):
+@pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
+def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M, half):
     dec = NativeDecoder.from_model(tiny_model("llama"))
     g = torch.Generator().manual_seed(N * K + M)
     G = K // gs
-    scale = torch.rand(N, G, generator=g) * 0.1 + 0.01
-    minv = torch.randn(N, G, generator=g) * 0.1
+    dtype = torch.float16 if half else torch.float32
+    scale = (torch.rand(N, G, generator=g) * 0.1 + 0.01).to(dtype)
+    minv = (torch.randn(N, G, generator=g) * 0.1).to(dtype)
     bias = torch.randn(N, generator=g)
     if kind == "q4":
         lin = W.RtLinear("t", W.Q4, N, K, gs, W.pack_nibbles(torch.randint(0, 16, (N, K), generator=g)), scale, minv, bias)

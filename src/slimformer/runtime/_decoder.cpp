@@ -31,9 +31,10 @@ enum { F32 = 0, Q8 = 1, Q4 = 2, Q8A8 = 3 };
 
 struct SfLinear {
     int32_t kind, N, K, gs;
+    int32_t half;           // Q8/Q4: scale and minv are float16 (GGUF's own, and our fp16 scales)
     const void* w;
-    const float* scale;     // [N, K / gs]
-    const float* minv;      // [N, K / gs] or null
+    const void* scale;      // [N, K / gs] float or float16 (Q8A8: [N] float)
+    const void* minv;       // [N, K / gs] float or float16, or null
     const float* bias;      // [N] or null
     const int32_t* corr;    // Q8A8: [N]
 };
@@ -78,6 +79,19 @@ struct SfModel {
     float* act;      // [B, inter]
     float* scores;   // [B, n_heads, max_len]
     SfScratch* scratch;  // [n_scratch]
+};
+
+// A row's group scales (or offsets), float or float16 — half the bytes, converted once
+// per group of >= 16 weights (F16C).
+struct Scales {
+    const void* p;
+    bool half;
+    inline float operator[](int64_t i) const {
+        return half ? _cvtsh_ss(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+    }
+    inline Scales row(int64_t off) const {
+        return {half ? (const void*)((const uint16_t*)p + off) : (const void*)((const float*)p + off), half};
+    }
 };
 
 static inline float hsum8(__m256 v) {
@@ -130,7 +144,7 @@ static inline void row_f32(const float* r, const float* x, int K, float* out) {
 }
 
 template <int MT>
-static inline void row_q8(const int8_t* r, const float* sc, int K, int gs, const float* x, float* out) {
+static inline void row_q8(const int8_t* r, Scales sc, int K, int gs, const float* x, float* out) {
     __m256 tot[MT];
     for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
     for (int g = 0; g < K / gs; ++g) {
@@ -150,7 +164,7 @@ static inline void row_q8(const int8_t* r, const float* sc, int K, int gs, const
 }
 
 template <int MT>
-static inline void row_q4(const uint8_t* r, const float* sc, int K, int gs, const float* x, float* out) {
+static inline void row_q4(const uint8_t* r, Scales sc, int K, int gs, const float* x, float* out) {
     const __m256i m4 = _mm256_set1_epi32(0xF);
     __m256 tot[MT];
     for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
@@ -182,7 +196,7 @@ static inline __m256i q4_codes32(const uint8_t* p) {   // 16 bytes -> 32 codes i
 }
 
 template <int MT>
-static inline void row_q4_a8(const uint8_t* r, const float* sc, int K, int gs, const int8_t* qx, const float* dx,
+static inline void row_q4_a8(const uint8_t* r, Scales sc, int K, int gs, const int8_t* qx, const float* dx,
                              float* out) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int KB = K / 32;
@@ -206,7 +220,7 @@ static inline void row_q4_a8(const uint8_t* r, const float* sc, int K, int gs, c
 }
 
 template <int MT>
-static inline void row_q8_a8(const int8_t* r, const float* sc, int K, int gs, const int8_t* qx, const float* dx,
+static inline void row_q8_a8(const int8_t* r, Scales sc, int K, int gs, const int8_t* qx, const float* dx,
                              float* out) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int KB = K / 32;
@@ -250,7 +264,7 @@ template <int MT>
 static inline void rows_dispatch(const SfScratch& S, const SfLinear& L, bool a8, int n, int t0, const float* x,
                                  float* out) {
     const int K = L.K, gs = L.gs, G = K / gs;
-    const float* sc = L.scale + (int64_t)n * G;
+    const Scales sc = Scales{L.scale, L.half != 0}.row((int64_t)n * G);
     if (a8) {
         const int8_t* qx = S.qx + (int64_t)t0 * K;
         const float* dx = S.sx + (int64_t)t0 * (K / 32);
@@ -293,7 +307,7 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
             for (int t = 0; t < M; ++t) {
                 int32_t acc = idot(S.qx + (int64_t)t * K, r, K) + L.corr[n] * S.qsum[t];
-                float v = (float)acc * (S.sx[t] * L.scale[n]);
+                float v = (float)acc * (S.sx[t] * ((const float*)L.scale)[n]);
                 if (L.bias) v += L.bias[n];
                 y[(int64_t)t * N + n] = accumulate ? y[(int64_t)t * N + n] + v : v;
             }
@@ -342,7 +356,7 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             for (int t = 0; t < mt; ++t) {
                 float v = out[t];
                 if (L.minv) {
-                    const float* mv = L.minv + (int64_t)n * G;
+                    const Scales mv = Scales{L.minv, L.half != 0}.row((int64_t)n * G);
                     const float* xg = S.xg + (int64_t)(t0 + t) * G;
                     for (int g = 0; g < G; ++g) v += mv[g] * xg[g];
                 }
@@ -402,8 +416,8 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
                 const int G = D / E.gs;
                 for (int i = 0; i < D; ++i) {
                     int64_t g = tokens[b] * G + i / E.gs;
-                    float v = (float)r[i] * E.scale[g];
-                    xb[i] = E.minv ? v + E.minv[g] : v;
+                    float v = (float)r[i] * Scales{E.scale, E.half != 0}[g];
+                    xb[i] = E.minv ? v + Scales{E.minv, E.half != 0}[g] : v;
                 }
             }
         }
@@ -488,13 +502,13 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int n = n0; n < n1; ++n) {
         float* o = out + (int64_t)(n - n0) * K;
-        const float* sc = L.scale + (int64_t)n * G;
-        const float* mv = L.minv ? L.minv + (int64_t)n * G : nullptr;
+        const Scales sc = Scales{L.scale, L.half != 0}.row((int64_t)n * G);
+        const Scales mv = Scales{L.minv, L.half != 0}.row((int64_t)n * G);
         if (L.kind == Q4) {
             const uint8_t* r = (const uint8_t*)L.w + (int64_t)n * K / 2;
             for (int k = 0; k < K; k += 32) {
                 __m256i c = q4_codes32(r + k / 2);   // codes k..k+31 in order
-                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(mv ? mv[k / gs] : 0.f);
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(L.minv ? mv[k / gs] : 0.f);
                 __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
                 __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
                 for (int j = 0; j < 4; ++j) {
@@ -507,7 +521,7 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
             const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
             for (int k = 0; k < K; k += 8) {
                 __m256 f = ld_i8(r + k);
-                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(mv ? mv[k / gs] : 0.f);
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(L.minv ? mv[k / gs] : 0.f);
                 _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(f, s), m));
             }
         }

@@ -36,14 +36,19 @@ class RtLinear:
     K: int
     gs: int
     w: torch.Tensor  # F32 [N,K] float32 | Q8/Q8A8 [N,K] int8 | Q4 [N,K/2] uint8
-    scale: torch.Tensor | None = None  # [N, K/gs] float32 (Q8A8: [N])
-    minv: torch.Tensor | None = None  # [N, K/gs] float32
+    scale: torch.Tensor | None = None  # [N, K/gs] float32 or float16 (Q8A8: [N] float32)
+    minv: torch.Tensor | None = None  # [N, K/gs], the dtype of scale
     bias: torch.Tensor | None = None  # [N] float32
     corr: torch.Tensor | None = None  # Q8A8 [N] int32: w = (q + corr) * scale
 
     @property
     def groups(self) -> int:
         return self.K // self.gs
+
+    @property
+    def half(self) -> bool:
+        """Scales and offsets stored as float16 (half the bytes; used only where exact)."""
+        return self.scale is not None and self.scale.dtype == torch.float16
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``[N, K]`` this format encodes (the reference)."""
@@ -53,15 +58,25 @@ class RtLinear:
             return (self.w.float() + self.corr.float()[:, None]) * self.scale[:, None]
         codes = unpack_nibbles(self.w, self.N, self.K) if self.kind == Q4 else self.w
         c = codes.float().reshape(self.N, self.groups, self.gs)
-        w = c * self.scale[..., None]
+        w = c * self.scale.float()[..., None]
         if self.minv is not None:
-            w = w + self.minv[..., None]
+            w = w + self.minv.float()[..., None]
         return w.reshape(self.N, self.K)
 
     def nbytes(self) -> int:
         """Bytes the decoder reads for this layer per token (weights, scales, offsets, bias)."""
         return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.minv, self.bias, self.corr)
                    if t is not None)
+
+
+def _maybe_half(scale: torch.Tensor, minv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float16 copies of group scales and offsets when every value survives the round trip."""
+    def exact(t):
+        return t is None or torch.equal(t.half().float(), t.float())
+
+    if exact(scale) and exact(minv) and torch.isfinite(scale.half()).all():
+        return scale.half().contiguous(), None if minv is None else minv.half().contiguous()
+    return scale.float().contiguous(), None if minv is None else minv.float().contiguous()
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -120,12 +135,21 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
         if K % 32 or gs % 32:
             return _fallback(name, module.dequantized_weight(), bias,
                              f"4-bit layout needs K={K} and group size {gs} to be multiples of 32")
-        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), scale, (-zo * scale).contiguous(), bias)
+        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), *_maybe_half(scale, -zo * scale), bias)
     if K % 16 or gs % 16:
         return _fallback(name, module.dequantized_weight(), bias, f"K={K} and group size {gs} must be multiples of 16")
     q = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
     minv = (128 - zo) * scale
-    return RtLinear(name, Q8, N, K, gs, q, scale, None if not minv.any() else minv.contiguous(), bias)
+    return RtLinear(name, Q8, N, K, gs, q, *_maybe_half(scale, minv if minv.any() else None), bias)
+
+
+def quantize_rtn(name: str, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> RtLinear:
+    """Round an fp32 weight to ``bits`` per output row (symmetric RTN, the same rounding
+    and fp16 scales as ``slimformer.quant``) and return it in the runtime layout."""
+    from slimformer.quant.spec import WeightSpec
+
+    module = QuantLinear.from_float(weight.detach().float(), bias, WeightSpec(bits=bits))
+    return from_quant_linear(name, module)
 
 
 def concat(name: str, parts: list[RtLinear]) -> RtLinear:
@@ -134,10 +158,15 @@ def concat(name: str, parts: list[RtLinear]) -> RtLinear:
     same = all(p.kind == first.kind and p.K == first.K and p.gs == first.gs for p in parts)
     if not same:  # mixed formats (e.g. mixed precision): run the stack as fp32
         return from_dense(name, torch.cat([p.dequantize() for p in parts]), _cat_bias(parts))
+    if len({p.half for p in parts}) > 1:  # one stack, one scale dtype: float32 holds both exactly
+        parts = [RtLinear(p.name, p.kind, p.N, p.K, p.gs, p.w, p.scale.float(),
+                          None if p.minv is None else p.minv.float(), p.bias, p.corr) for p in parts]
+        first = parts[0]
     cat = lambda ts: torch.cat(ts).contiguous()  # noqa: E731
     minv = None
     if any(p.minv is not None for p in parts):
-        minv = cat([p.minv if p.minv is not None else torch.zeros(p.N, p.groups) for p in parts])
+        minv = cat([p.minv if p.minv is not None else torch.zeros(p.N, p.groups, dtype=first.scale.dtype)
+                    for p in parts])
     scale = None if first.scale is None else cat([p.scale for p in parts])
     corr = None if first.corr is None else cat([p.corr for p in parts])
     return RtLinear(name, first.kind, sum(p.N for p in parts), first.K, first.gs, cat([p.w for p in parts]),
@@ -167,15 +196,16 @@ def from_gguf_tensor(name: str, qtype: str, data: np.ndarray, N: int, K: int) ->
         raise UnsupportedFormat(f"tensor {name}: {K} columns are not whole blocks of {GGUF_BLOCK}")
     G = K // GGUF_BLOCK
     raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(N, G, -1)
-    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).astype(np.float32)).reshape(N, G)
+    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)).reshape(N, G)  # kept as float16: exact
     if qtype == "Q8_0":
         q = torch.from_numpy(raw[..., 2:34].copy().view(np.int8)).reshape(N, K)
         return RtLinear(name, Q8, N, K, GGUF_BLOCK, q.contiguous(), d.contiguous())
     if qtype == "Q4_0":
-        qs, minv = raw[..., 2:18], -8.0 * d
+        qs = raw[..., 2:18]
+        d, minv = _maybe_half(d, -8.0 * d.float())
     elif qtype == "Q4_1":
         qs = raw[..., 4:20]
-        minv = torch.from_numpy(raw[..., 2:4].copy().view(np.float16).astype(np.float32)).reshape(N, G)
+        minv = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)).reshape(N, G)
     else:
         raise UnsupportedFormat(f"tensor {name}: GGUF type {qtype} has no runtime layout (Q4_0, Q4_1, Q8_0, F16, F32)")
     # GGUF's nibble order is the runtime's (byte j: element j low, element j + 16 high): a copy.
