@@ -39,5 +39,9 @@ class OutputExistsError(SlimformerError):
     """The output directory exists and --overwrite was not given."""
 
 
+class MemoryBudgetError(SlimformerError):
+    """A memory budget is malformed, or too small for what must stay resident."""
+
+
 class ParallelConfigError(SlimformerError):
     """A tensor-parallel setting cannot apply (world size does not divide the heads, ...)."""
