@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="auto", help="native (Llama family), hf, or auto (default)")
     p.add_argument("--weights", choices=("auto", "gguf", "dequantized"), default="auto",
                    help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
+    p.add_argument("--memory-budget", metavar="BYTES",
+                   help="stream blocks from a safetensors directory under this budget, e.g. 300MB (offloading)")
     p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
                    help="split the layers over N processes (torch.distributed; greedy, one prompt)")
     p.add_argument("--json", dest="json_path", help="write the generations as JSON here")
@@ -257,8 +259,14 @@ def _generate(args) -> int:
     if args.stream and len(args.prompt) > 1:
         raise SlimformerError("--stream takes one --prompt")
     if args.tensor_parallel > 1:
+        if args.memory_budget:
+            raise SlimformerError("--memory-budget and --tensor-parallel do not combine")
         return _generate_tensor_parallel(args)
-    gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights, trust_pickle=args.trust_pickle)
+    if args.memory_budget:
+        gen = _offloaded_generator(args)
+    else:
+        gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights,
+                                    trust_pickle=args.trust_pickle)
     prompts = args.prompt
     if args.chat:
         prompts = [gen.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -273,6 +281,22 @@ def _generate(args) -> int:
         print(r.text if len(results) == 1 else f"[{i}] {r.text}")
     _write_json(args.json_path, {"engine": gen.engine_name, "generations": [vars(r) for r in results]})
     return 0
+
+
+def _offloaded_generator(args):
+    """Blocks streamed from memory-mapped safetensors under a budget (runtime.offload);
+    the model runs on the Hugging Face engine, block by block."""
+    from slimformer.runtime.generate import Generator
+    from slimformer.runtime.offload import load_offloaded, parse_bytes
+
+    budget = parse_bytes(args.memory_budget)
+    if not Path(args.model).is_dir():
+        raise SlimformerError("--memory-budget streams weights from a safetensors directory (a `slimformer compress` "
+                              f"output, an HF directory, or one written by runtime.offload.save_offloadable), not {args.model}")
+    if args.engine == "native":
+        raise SlimformerError("--memory-budget runs on the hf engine (the native decoder keeps every weight resident)")
+    model, tokenizer = load_offloaded(args.model, budget)
+    return Generator.from_model(model, tokenizer, engine="hf")
 
 
 def _generate_tensor_parallel(args) -> int:

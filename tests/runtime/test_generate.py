@@ -175,3 +175,14 @@ def test_cli_generate_tensor_parallel_equals_one_process(saved_llama, capsys):
     assert main(common + ["--tensor-parallel", "3"]) == 2  # 4 heads do not split 3 ways
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not divide" in err[0]
+
+
+def test_cli_generate_with_a_memory_budget_streams_blocks(saved_llama, capsys):
+    common = ["generate", str(saved_llama), "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--ignore-eos"]
+    assert main(common) == 0
+    in_memory = capsys.readouterr().out
+    assert main(common + ["--memory-budget", "300KB"]) == 0  # embedding + one of the two blocks resident
+    assert capsys.readouterr().out == in_memory
+    assert main(common + ["--memory-budget", "lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lots" in err[0]
