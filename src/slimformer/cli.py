@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="auto", help="native (Llama family), hf, or auto (default)")
     p.add_argument("--weights", choices=("auto", "gguf", "dequantized"), default="auto",
                    help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
+    p.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
+                   help="native decode of int4/int8 weights: fp32 activations (exact) or int8 (llama.cpp-style, faster)")
     p.add_argument("--memory-budget", metavar="BYTES",
                    help="stream blocks from a safetensors directory under this budget, e.g. 300MB (offloading)")
     p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
@@ -266,7 +268,7 @@ def _generate(args) -> int:
         gen = _offloaded_generator(args)
     else:
         gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights,
-                                    trust_pickle=args.trust_pickle)
+                                    trust_pickle=args.trust_pickle, activations=args.activations)
     prompts = args.prompt
     if args.chat:
         prompts = [gen.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -129,14 +129,16 @@ class Generator:
     eos_ids: set[int] = field(default_factory=set)
 
     @classmethod
-    def from_model(cls, model, tokenizer, engine: str = "auto", gguf_path: str | Path | None = None) -> "Generator":
-        """``gguf_path``: run that GGUF file's own quantised blocks (native engine only)."""
+    def from_model(cls, model, tokenizer, engine: str = "auto", gguf_path: str | Path | None = None,
+                   activations: str = "fp32") -> "Generator":
+        """``gguf_path``: run that GGUF file's own quantised blocks (native engine only);
+        ``activations``: ``fp32`` or ``int8`` decode arithmetic (see NativeDecoder.from_model)."""
         if engine not in ENGINES:
             raise GenerationError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         if engine in ("auto", "native"):
             try:
                 check_supported(model)
-                runner = NativeDecoder.from_model(model, gguf_path=gguf_path)
+                runner = NativeDecoder.from_model(model, gguf_path=gguf_path, activations=activations)
                 return cls(runner, tokenizer, "native", stop_token_ids(model, tokenizer))
             except (UnsupportedFormat, SlimformerError, RuntimeError) as exc:
                 if engine == "native":
@@ -146,8 +148,8 @@ class Generator:
         return cls(HFEngine(model), tokenizer, "hf", stop_token_ids(model, tokenizer))
 
     @classmethod
-    def from_source(cls, source: str, engine: str = "auto", weights: str = "auto", trust_pickle: bool = False
-                    ) -> "Generator":
+    def from_source(cls, source: str, engine: str = "auto", weights: str = "auto", trust_pickle: bool = False,
+                    activations: str = "fp32") -> "Generator":
         """Load ``source`` (built-in, directory, .gguf, compressed dir). ``weights``: for a
         GGUF source, ``auto``/``gguf`` run its quantised blocks directly, ``dequantized`` runs fp32."""
         from slimformer.models.load import load
@@ -158,7 +160,8 @@ class Generator:
         gguf = gguf_source_path(source) if weights != "dequantized" else None
         if weights == "gguf" and gguf is None:
             raise GenerationError(f"{source} is not a GGUF model, so --weights gguf does not apply")
-        return cls.from_model(model, tokenizer, engine, gguf_path=gguf if engine != "hf" else None)
+        return cls.from_model(model, tokenizer, engine, gguf_path=gguf if engine != "hf" else None,
+                              activations=activations)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[int], cfg: SamplingConfig) -> list[int]:
