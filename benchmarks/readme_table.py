@@ -114,8 +114,57 @@ def runtime_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def padfree_table(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [f"Padding removal on all-MiniLM-L6-v2 (`benchmarks/padfree.py` → `benchmarks/results/padfree.json`; "
+             f"256 sentences, batch {s['batch_size']}, 2 threads, {s['statistic']} of {s['repeats']}; timed: {s['timed']}).",
+             "", "| workload | tokens min–max | padding in batches | HF padded sent/s | HF sorted by length | "
+                 "packed (padding-free) | max abs diff |", "|---|---|---|---|---|---|---|"]
+    for name, w in payload["workloads"].items():
+        m = w["methods"]
+        def rate(key):
+            row = m.get(key)
+            return "—" if not row else f"{row['sentences_per_s']:.0f} ({row['speedup_vs_hf_padded']:.2f}×)"
+
+        lines.append(f"| {name} | {w['tokens']['min']}–{w['tokens']['max']} | "
+                     f"{100 * w['pad_fraction']['input_order']:.0f}% | {m['hf_padded']['sentences_per_s']:.0f} | "
+                     f"{rate('hf_sorted')} | **{rate('padfree_loop')}** | "
+                     f"{m['padfree_loop']['max_abs_diff_vs_hf_padded']:.1e} |")
+    return "\n".join(lines)
+
+
+def offload_table(payload: dict) -> str:
+    lines = [f"Offloading SmolLM2-135M fp32 ({payload['weight_bytes'] / 1e6:.0f} MB of weights; "
+             f"`benchmarks/offload.py` → `benchmarks/results/offload.json`): each run in a fresh process, peak RSS "
+             f"(VmHWM) after a {payload['setup']['prompt_tokens']}-token forward and {payload['setup']['new_tokens']} "
+             f"greedy tokens (HF engine), page cache warm. Greedy tokens identical in every run: "
+             f"{payload['greedy_tokens_identical']}.", "",
+             "| run | budget (share of weights) | block slots | peak RSS MiB | peak − imports MiB | 128-token forward s | decode tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["summary"]:
+        frac = r.get("budget_fraction_of_weights")
+        lines.append(f"| {r['name']} | {'—' if frac is None else f'{100 * frac:.0f}%'} | {r['resident_block_slots']} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_rss_over_imports_bytes'] / 2**20:.0f} | "
+                     f"{r['forward_128_s']:.3f} | {r['decode_tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def tensor_parallel_table(payload: dict) -> str:
+    lines = [f"Tensor parallelism over processes (`benchmarks/tensor_parallel.py` → "
+             f"`benchmarks/results/tensor_parallel.json`; {payload['machine']['backend']}, 128-token forward). "
+             f"On 2 cores it cannot be faster; it is there for several machines or GPUs. SmolLM2 at TP=2: "
+             f"\"{payload.get('smollm2_tp2', '')}\".", "",
+             "| model | TP | max abs logit diff vs 1 process | argmax agrees | 1 process, 2 threads s | TP s |",
+             "|---|---|---|---|---|---|"]
+    for r in payload["results"]:
+        lines.append(f"| {r['model']} | {r['world_size']} | {r['max_abs_logit_diff']:.1e} | "
+                     f"{r['argmax_agrees_at_every_position']} | {r['single_2_threads_forward_s']:.4f} | {r['tp_forward_s']:.4f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
-          "kernels.json": kernels_table, "runtime.json": runtime_table}
+          "kernels.json": kernels_table, "runtime.json": runtime_table,
+          "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table}
 
 
 def render() -> str:
