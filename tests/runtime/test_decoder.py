@@ -111,7 +111,7 @@ def _native_vs_reference(lin: W.RtLinear, M: int, dec: NativeDecoder, seed=0):
     return dec.native_linear(sess, lin, x), x @ lin.dequantize().t() + (0 if lin.bias is None else lin.bias), x
 
 
-@pytest.mark.parametrize("kind,N,K,gs", [("q4", 37, 96, 32), ("q4", 5, 64, 64), ("q8", 41, 48, 16),
+@pytest.mark.parametrize("kind,N,K,gs", [("q4", 37, 96, 32), ("q4", 5, 64, 64), ("q4-zero", 11, 64, 32), ("q8", 41, 48, 16),
                                          ("q8", 7, 96, 32), ("f32", 13, 40, 40)])
 @pytest.mark.parametrize("M", [1, 3, 6])
 @pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
@@ -125,6 +125,9 @@ def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M, half):
     bias = torch.randn(N, generator=g)
     if kind == "q4":
         lin = W.RtLinear("t", W.Q4, N, K, gs, W.pack_nibbles(torch.randint(0, 16, (N, K), generator=g)), scale, minv, bias)
+    elif kind == "q4-zero":  # integer zero-points instead of offsets
+        lin = W.RtLinear("t", W.Q4, N, K, gs, W.pack_nibbles(torch.randint(0, 16, (N, K), generator=g)), scale, None,
+                         bias, zero=torch.randint(0, 16, (N, G), generator=g).to(torch.uint8))
     elif kind == "q8":
         lin = W.RtLinear("t", W.Q8, N, K, gs, torch.randint(-128, 128, (N, K), generator=g).to(torch.int8), scale, minv,
                          bias)

@@ -35,6 +35,8 @@ struct SfLinear {
     const void* w;
     const void* scale;      // [N, K / gs] float or float16 (Q8A8: [N] float)
     const void* minv;       // [N, K / gs] float or float16, or null
+    const uint8_t* zero;    // [N, K / gs] or null: integer zero-points, minv = -zero * scale
+                            // (exact in fp32; 1 byte per group instead of 2-4)
     const float* bias;      // [N] or null
     const int32_t* corr;    // Q8A8: [N]
 };
@@ -120,6 +122,44 @@ static inline float sum_f32(const float* a, int64_t K) {
     float s = hsum8(acc);
     for (; k < K; ++k) s += a[k];
     return s;
+}
+
+// sum_g v[g] * x[g] over a row's group offsets (float or float16), 8 groups per step:
+// with groups of 32 this term is a sixth of a row's work, too much to leave scalar.
+static inline float dot_scales(Scales v, const float* x, int G) {
+    __m256 acc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+        __m256 vv = v.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)v.p + g)))
+                           : _mm256_loadu_ps((const float*)v.p + g);
+        acc = _mm256_fmadd_ps(vv, _mm256_loadu_ps(x + g), acc);
+    }
+    float s = hsum8(acc);
+    for (; g < G; ++g) s += v[g] * x[g];
+    return s;
+}
+
+// sum_g (-zero[g] * scale[g]) * x[g]: the offset term of integer zero-points.
+static inline float dot_zero(Scales sc, const uint8_t* z, const float* x, int G) {
+    __m256 acc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+        __m256 zz = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + g))));
+        __m256 ss = sc.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sc.p + g)))
+                            : _mm256_loadu_ps((const float*)sc.p + g);
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(zz, ss), _mm256_loadu_ps(x + g), acc);
+    }
+    float s = hsum8(acc);
+    for (; g < G; ++g) s += ((float)z[g] * sc[g]) * x[g];
+    return -s;
+}
+
+// The offset term of row n for input group sums xg (0 when the format has none).
+static inline float offset_term(const SfLinear& L, int64_t n, const float* xg) {
+    const int G = L.K / L.gs;
+    if (L.minv) return dot_scales(Scales{L.minv, L.half != 0}.row(n * G), xg, G);
+    if (L.zero) return dot_zero(Scales{L.scale, L.half != 0}.row(n * G), L.zero + n * G, xg, G);
+    return 0.f;
 }
 
 // ------------------------------------------------------------------ one row, MT tokens
@@ -330,7 +370,7 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
         }
         // The offset term uses the same rounded x as the code term, so the rounding error
         // is that of the real weights (not of codes 0..15, which all share a sign).
-        if (L.minv) {
+        if (L.minv || L.zero) {
             const int BPG = gs / 32;
             for (int i = 0; i < M * G; ++i) {
                 float acc = 0.f;
@@ -338,7 +378,7 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
                 S.xg[i] = acc;
             }
         }
-    } else if (L.minv) {
+    } else if (L.minv || L.zero) {
         for (int i = 0; i < M * G; ++i) S.xg[i] = sum_f32(x + (int64_t)(i / G) * K + (int64_t)(i % G) * gs, gs);
     }
 #pragma omp for schedule(static)
@@ -355,11 +395,7 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
             }
             for (int t = 0; t < mt; ++t) {
                 float v = out[t];
-                if (L.minv) {
-                    const Scales mv = Scales{L.minv, L.half != 0}.row((int64_t)n * G);
-                    const float* xg = S.xg + (int64_t)(t0 + t) * G;
-                    for (int g = 0; g < G; ++g) v += mv[g] * xg[g];
-                }
+                v += offset_term(L, n, S.xg + (int64_t)(t0 + t) * G);
                 if (L.bias) v += L.bias[n];
                 float* dst = y + (int64_t)(t0 + t) * N + n;
                 *dst = accumulate ? *dst + v : v;
@@ -504,11 +540,14 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
         float* o = out + (int64_t)(n - n0) * K;
         const Scales sc = Scales{L.scale, L.half != 0}.row((int64_t)n * G);
         const Scales mv = Scales{L.minv, L.half != 0}.row((int64_t)n * G);
+        const uint8_t* zr = L.zero ? L.zero + (int64_t)n * G : nullptr;
+        // offset of group g: minv, or -zero * scale (exact), or 0
+        auto offset = [&](int g) { return L.minv ? mv[g] : zr ? -((float)zr[g] * sc[g]) : 0.f; };
         if (L.kind == Q4) {
             const uint8_t* r = (const uint8_t*)L.w + (int64_t)n * K / 2;
             for (int k = 0; k < K; k += 32) {
                 __m256i c = q4_codes32(r + k / 2);   // codes k..k+31 in order
-                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(L.minv ? mv[k / gs] : 0.f);
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(offset(k / gs));
                 __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
                 __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
                 for (int j = 0; j < 4; ++j) {
@@ -521,7 +560,7 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
             const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
             for (int k = 0; k < K; k += 8) {
                 __m256 f = ld_i8(r + k);
-                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(L.minv ? mv[k / gs] : 0.f);
+                __m256 s = _mm256_set1_ps(sc[k / gs]), m = _mm256_set1_ps(offset(k / gs));
                 _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(f, s), m));
             }
         }

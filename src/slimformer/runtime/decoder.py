@@ -38,7 +38,8 @@ _P = ctypes.c_void_p
 
 class _CLinear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32), ("gs", ctypes.c_int32),
-                ("half", ctypes.c_int32), ("w", _P), ("scale", _P), ("minv", _P), ("bias", _P), ("corr", _P)]
+                ("half", ctypes.c_int32), ("w", _P), ("scale", _P), ("minv", _P), ("zero", _P), ("bias", _P),
+                ("corr", _P)]
 
 
 class _CLayer(ctypes.Structure):
@@ -64,8 +65,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _c_linear(lin: RtLinear) -> _CLinear:
-    return _CLinear(lin.kind, lin.N, lin.K, lin.gs, int(lin.half), _ptr(lin.w), _ptr(lin.scale), _ptr(lin.minv), _ptr(lin.bias),
-                    _ptr(lin.corr))
+    return _CLinear(lin.kind, lin.N, lin.K, lin.gs, int(lin.half), _ptr(lin.w), _ptr(lin.scale), _ptr(lin.minv),
+                    _ptr(lin.zero), _ptr(lin.bias), _ptr(lin.corr))
 
 
 def native_library() -> ctypes.CDLL:

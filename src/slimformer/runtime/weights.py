@@ -40,6 +40,7 @@ class RtLinear:
     minv: torch.Tensor | None = None  # [N, K/gs], the dtype of scale
     bias: torch.Tensor | None = None  # [N] float32
     corr: torch.Tensor | None = None  # Q8A8 [N] int32: w = (q + corr) * scale
+    zero: torch.Tensor | None = None  # [N, K/gs] uint8 zero-points: offset = -zero * scale (instead of minv)
 
     @property
     def groups(self) -> int:
@@ -61,11 +62,13 @@ class RtLinear:
         w = c * self.scale.float()[..., None]
         if self.minv is not None:
             w = w + self.minv.float()[..., None]
+        elif self.zero is not None:
+            w = w + (-(self.zero.float() * self.scale.float()))[..., None]
         return w.reshape(self.N, self.K)
 
     def nbytes(self) -> int:
         """Bytes the decoder reads for this layer per token (weights, scales, offsets, bias)."""
-        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.minv, self.bias, self.corr)
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.minv, self.bias, self.corr, self.zero)
                    if t is not None)
 
 
@@ -135,7 +138,12 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
         if K % 32 or gs % 32:
             return _fallback(name, module.dequantized_weight(), bias,
                              f"4-bit layout needs K={K} and group size {gs} to be multiples of 32")
-        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), *_maybe_half(scale, -zo * scale), bias)
+        scale_h, minv_h = _maybe_half(scale, -zo * scale)
+        if scale_h.dtype != torch.float16 and torch.equal(scale.half().float(), scale):
+            # fp16 scales with integer zero-points (our asymmetric RTN/GPTQ): 3 bytes per group, not 8
+            return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), scale.half().contiguous(), None, bias,
+                            zero=zo.to(torch.uint8).contiguous())
+        return RtLinear(name, Q4, N, K, gs, pack_nibbles(codes), scale_h, minv_h, bias)
     if K % 16 or gs % 16:
         return _fallback(name, module.dequantized_weight(), bias, f"K={K} and group size {gs} must be multiples of 16")
     q = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
@@ -158,9 +166,11 @@ def concat(name: str, parts: list[RtLinear]) -> RtLinear:
     same = all(p.kind == first.kind and p.K == first.K and p.gs == first.gs for p in parts)
     if not same:  # mixed formats (e.g. mixed precision): run the stack as fp32
         return from_dense(name, torch.cat([p.dequantize() for p in parts]), _cat_bias(parts))
-    if len({p.half for p in parts}) > 1:  # one stack, one scale dtype: float32 holds both exactly
+    if len({(p.half, p.zero is not None) for p in parts}) > 1:
+        # one stack, one layout: float32 scales and offsets hold every part exactly
         parts = [RtLinear(p.name, p.kind, p.N, p.K, p.gs, p.w, p.scale.float(),
-                          None if p.minv is None else p.minv.float(), p.bias, p.corr) for p in parts]
+                          (-(p.zero.float() * p.scale.float())).contiguous() if p.zero is not None
+                          else None if p.minv is None else p.minv.float(), p.bias, p.corr) for p in parts]
         first = parts[0]
     cat = lambda ts: torch.cat(ts).contiguous()  # noqa: E731
     minv = None
@@ -169,8 +179,9 @@ def concat(name: str, parts: list[RtLinear]) -> RtLinear:
                     for p in parts])
     scale = None if first.scale is None else cat([p.scale for p in parts])
     corr = None if first.corr is None else cat([p.corr for p in parts])
+    zero = None if first.zero is None else cat([p.zero for p in parts])
     return RtLinear(name, first.kind, sum(p.N for p in parts), first.K, first.gs, cat([p.w for p in parts]),
-                    scale, minv, _cat_bias(parts), corr)
+                    scale, minv, _cat_bias(parts), corr, zero)
 
 
 def _cat_bias(parts: list[RtLinear]) -> torch.Tensor | None:
@@ -217,7 +228,7 @@ def permute_rows(lin: RtLinear, index: torch.Tensor) -> RtLinear:
     """Reorder output rows (used to undo GGUF's Q/K row permutation); exact."""
     pick = lambda t: None if t is None else t[index].contiguous()  # noqa: E731
     return RtLinear(lin.name, lin.kind, lin.N, lin.K, lin.gs, pick(lin.w), pick(lin.scale), pick(lin.minv),
-                    pick(lin.bias), pick(lin.corr))
+                    pick(lin.bias), pick(lin.corr), pick(lin.zero))
 
 
 def dense_matmul(x: torch.Tensor, lin: RtLinear, dequant_rows=None, tile_bytes: int = 8 << 20) -> torch.Tensor:
