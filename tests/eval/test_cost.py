@@ -22,6 +22,8 @@ def test_decode_rate_cancels_prefill_and_set_up(family, engine):
     model = tiny_model(family)
     result = cost.measure_speed(model, prompt_len=16, new_tokens=5, repeats=1)
     assert result["engine"] == engine  # the native runtime wherever it runs the model
+    long = cost.measure_speed(model, prompt_len=400, new_tokens=2, repeats=1, decode=False)
+    assert long["prefill_prompt_len"] == 256  # tiny models have 256 positions
     assert result["decode_latency_ms"] == 1000 / result["decode_tokens_per_s"]
     lo, hi = result["decode_tokens_per_s_range"]
     assert lo <= result["decode_tokens_per_s"] <= hi

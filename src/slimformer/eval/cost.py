@@ -89,8 +89,12 @@ def measure_speed(model, prompt_len: int = 512, new_tokens: int = 32, repeats: i
     the runtime supports the model)."""
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    native = _native_decoder(model) if engine in ("auto", "native") and decode else None
+    native = _native_decoder(model) if engine in ("auto", "native") else None
     result: dict = {"engine": "native" if native is not None else "hf"}
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and prompt_len > context:
+        prompt_len = context  # no model has positions past its context
+    result["prefill_prompt_len"] = prompt_len
     if prefill:
         ids = torch.randint(0, vocab, (1, prompt_len), generator=generator)
         if native is not None:
