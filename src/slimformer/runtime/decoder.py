@@ -266,9 +266,7 @@ class NativeDecoder:
         e = self.embed
         if e.kind == W.F32:
             return F.embedding(ids, e.w)
-        part = W.permute_rows(e, ids)
-        part.N = ids.numel()
-        return part.dequantize()
+        return W.select_rows(e, ids).dequantize()
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -413,7 +411,7 @@ def _gguf_linears(path: str | Path, config) -> dict[str, RtLinear]:
             name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
             lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
             if parts[2] in ("attn_q", "attn_k"):
-                lin = W.permute_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))
+                lin = W.select_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))
             out[name] = lin
         elif t.name == "token_embd.weight":
             out["embed_tokens"] = W.from_gguf_tensor("embed_tokens", qtype, t.data, N, K)

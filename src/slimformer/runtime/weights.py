@@ -224,10 +224,11 @@ def from_gguf_tensor(name: str, qtype: str, data: np.ndarray, N: int, K: int) ->
     return RtLinear(name, Q4, N, K, GGUF_BLOCK, packed, d.contiguous(), minv.contiguous())
 
 
-def permute_rows(lin: RtLinear, index: torch.Tensor) -> RtLinear:
-    """Reorder output rows (used to undo GGUF's Q/K row permutation); exact."""
+def select_rows(lin: RtLinear, index: torch.Tensor) -> RtLinear:
+    """The output rows ``index`` of ``lin``, in that order (undoing GGUF's Q/K row
+    interleave, slicing a tile, looking up embedding rows); exact."""
     pick = lambda t: None if t is None else t[index].contiguous()  # noqa: E731
-    return RtLinear(lin.name, lin.kind, lin.N, lin.K, lin.gs, pick(lin.w), pick(lin.scale), pick(lin.minv),
+    return RtLinear(lin.name, lin.kind, index.numel(), lin.K, lin.gs, pick(lin.w), pick(lin.scale), pick(lin.minv),
                     pick(lin.bias), pick(lin.corr), pick(lin.zero))
 
 
@@ -255,9 +256,7 @@ def dense_matmul(x: torch.Tensor, lin: RtLinear, dequant_rows=None, tile_bytes: 
 
 
 def _dequant_slice(lin: RtLinear, n0: int, n1: int) -> torch.Tensor:
-    part = permute_rows(lin, torch.arange(n0, n1))
-    part.N = n1 - n0
-    return part.dequantize()
+    return select_rows(lin, torch.arange(n0, n1)).dequantize()
 
 
 def _w8a8_matmul(x: torch.Tensor, lin: RtLinear) -> torch.Tensor:
