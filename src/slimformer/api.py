@@ -74,7 +74,8 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
     run = run_transforms(target, recipe.stages, calib_ids, progress=progress)
     result = CompressResult(target, tokenizer, recipe, run, calibration=calib_meta)
     if out is not None:
-        extra = {"calibration": calib_meta, "fallbacks": run.fallbacks, "compress_seconds": run.seconds}
+        extra = {"calibration": calib_meta, "fallbacks": run.fallbacks, "compress_seconds": run.seconds,
+                 "layers": run.layers}
         result.out = save_compressed(target, tokenizer, out, recipe_text=recipe.text or recipe.name,
                                      source=source, extra=extra, overwrite=overwrite)
         result.stored_bytes = weight_bytes(result.out)

@@ -6,6 +6,12 @@ Transform in recipe order: prepare → forward the calibration inputs through th
 block (observers record) → convert; finally the block's outputs, computed by the
 already-compressed block, become the next block's inputs. Only one block's
 activations are held at a time.
+
+Before the blocks, every Transform may analyse the whole model (``plan_model``, e.g.
+HAWQ's sensitivities) and leave decisions in a plan all stages share. A "one-pass"
+Transform (GPTQ) compresses each layer inside the calibration forward, as the whole
+calibration batch reaches it; that forward's outputs then feed the next block.
+Weights and calibration activations are checked for NaN/Inf, naming the layer.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from slimformer.core.transform import BlockContext, Needs, Transform
-from slimformer.errors import DataError
+from slimformer.errors import DataError, QuantConfigError
 from slimformer.models.adapters import adapter_for
 
 
@@ -26,6 +32,7 @@ from slimformer.models.adapters import adapter_for
 class RunResult:
     seconds: float
     fallbacks: list[str] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)   # per-layer facts the techniques reported
 
 
 class _StopForward(Exception):
@@ -76,6 +83,46 @@ def _forward_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -
     return [_block_output(block(h, **kwargs)) for h in inputs]
 
 
+def _one_batch_kwargs(kwargs: dict) -> dict:
+    """The captured keyword inputs, made valid for all calibration sequences as one batch:
+    per-sequence tensors (e.g. OPT's position ids) are identical rows (same length, no
+    padding), so one row broadcasts."""
+    def squeeze(value):
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] > 1 and bool((value == value[:1]).all()):
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(squeeze(v) for v in value)
+        return value
+
+    return {k: squeeze(v) for k, v in kwargs.items()}
+
+
+@torch.inference_mode()
+def _forward_one_batch(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    sizes = [h.shape[0] for h in inputs]
+    out = _block_output(block(torch.cat(inputs), **_one_batch_kwargs(kwargs)))
+    return list(out.split(sizes))
+
+
+def _check_finite_weights(block: nn.Module, adapter, prefix: str) -> None:
+    for name in adapter.linears:
+        weight = getattr(block.get_submodule(name), "weight", None)
+        if torch.is_tensor(weight) and not torch.isfinite(weight).all():
+            raise QuantConfigError(f"{prefix}.{name}: the weight contains NaN or Inf")
+
+
+def _watch_finite_inputs(block: nn.Module, ctx: BlockContext) -> list:
+    """Pre-hooks that stop calibration at the first projection fed NaN or Inf, naming it
+    (a sum is one cheap pass; it is non-finite if any element is)."""
+    def check(name):
+        def hook(_module, args):
+            if not torch.isfinite(args[0].detach().sum()):
+                raise DataError(f"{ctx.prefix}.{name}: the calibration activations reaching it contain NaN or Inf")
+        return hook
+
+    return [block.get_submodule(n).register_forward_pre_hook(check(n)) for n in ctx.adapter.linears]
+
+
 def run_transforms(
     model: nn.Module,
     transforms: list[Transform],
@@ -96,21 +143,37 @@ def run_transforms(
     if needs_data and (calib is None or calib.numel() == 0):
         raise DataError("this recipe needs calibration data (--calib)")
 
+    plan: dict = {}
+    for transform in transforms:
+        transform.plan_model(model, adapter, calib if needs_data else None, plan)
     inputs, kwargs = capture_block_inputs(model, calib, batch_size) if needs_data else ([], {})
     fallbacks: list[str] = []
+    layer_report: dict[str, dict] = {}
     states: dict[int, dict] = {id(t): {} for t in transforms}
     # leave=False: a failure mid-way prints only the error, not a stale bar.
     with tqdm(total=len(blocks), desc="compressing", unit="block", disable=not progress, leave=False) as bar:
         for index, block in enumerate(blocks):
+            prefix = f"{adapter.blocks}.{index}"
+            _check_finite_weights(block, adapter, prefix)
+            outputs = None   # the compressed block's outputs, when the last stage's one-pass forward made them
             for transform in transforms:
-                ctx = BlockContext(model, adapter, index, f"{adapter.blocks}.{index}", states[id(transform)], fallbacks)
+                ctx = BlockContext(model, adapter, index, prefix, states[id(transform)], fallbacks, plan, layer_report)
+                outputs = None
                 if transform.requires() is Needs.CALIBRATION:
-                    transform.prepare(block, ctx)
-                    _forward_block(block, inputs, kwargs)
+                    watchers = _watch_finite_inputs(block, ctx)
+                    try:
+                        transform.prepare(block, ctx)
+                        if transform.one_pass():
+                            outputs = _forward_one_batch(block, inputs, kwargs)
+                        else:
+                            _forward_block(block, inputs, kwargs)
+                    finally:
+                        for handle in watchers:
+                            handle.remove()
                 transform.convert(block, ctx)
             if needs_data and index + 1 < len(blocks):
-                inputs = _forward_block(block, inputs, kwargs)
+                inputs = outputs if outputs is not None else _forward_block(block, inputs, kwargs)
             bar.update()
     for transform in transforms:
         transform.finish(model, adapter)
-    return RunResult(time.perf_counter() - start, fallbacks)
+    return RunResult(time.perf_counter() - start, fallbacks, layer_report)

@@ -36,9 +36,16 @@ class BlockContext:
     prefix: str                     # dotted path of the block from the model root
     state: dict = field(default_factory=dict)     # per-transform scratch, keyed by the transform
     fallbacks: list = field(default_factory=list)  # layers not processed as asked, with reasons
+    plan: dict = field(default_factory=dict)      # shared by all stages: model-level decisions (see Transform.plan_model)
+    layer_report: dict = field(default_factory=dict)  # full layer name -> {measure: value}, saved with the model
 
     def fallback(self, layer: str, reason: str) -> None:
         self.fallbacks.append(f"{self.prefix}.{layer}: {reason}")
+
+    def report(self, layer: str, **values) -> None:
+        """Record per-layer facts worth keeping (e.g. LLM.int8()'s outlier fraction):
+        they go into the compress result and the saved ``slimformer.json`` under ``layers``."""
+        self.layer_report.setdefault(f"{self.prefix}.{layer}", {}).update(values)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,18 @@ class Transform:
         """What this configuration needs (a technique may need data only for some settings)."""
         return self.needs
 
+    # True when the calibration forward itself compresses the block (hooks quantise each
+    # layer as the whole calibration batch reaches it, e.g. GPTQ layer by layer): the runner
+    # then forwards all calibration inputs as one batch, and that forward's outputs are
+    # already those of the compressed block.
+    def one_pass(self) -> bool:
+        return False
+
+    def plan_model(self, model: nn.Module, adapter: Adapter, calib, plan: dict) -> None:
+        """Optional: model-level analysis before any block is changed (e.g. HAWQ's
+        sensitivities); decisions go into ``plan``, which every stage's context shares
+        as ``ctx.plan``. ``calib``: the calibration token ids, or None."""
+
     def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
         """Optional: attach observers before the calibration pass over this block."""
 
@@ -137,6 +156,17 @@ _REGISTRY: dict[str, type[Transform]] = {}
 def register(cls: type[Transform]) -> type[Transform]:
     """Register a Transform under its class name (the recipe key)."""
     _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+# Module types a saved model may hold (QuantLinear and the techniques' own modules):
+# each has ``config() -> dict`` and ``from_config(cfg, dtype)``; saved by class name.
+MODULE_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def register_module_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: compressed directories may hold ``cls``."""
+    MODULE_TYPES[cls.__name__] = cls
     return cls
 
 

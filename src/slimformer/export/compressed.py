@@ -17,13 +17,14 @@ from slimformer.errors import ModelLoadError
 from slimformer.export.atomic import atomic_directory
 from slimformer.models.load import COMPRESSED_MARKER, _first_line, _model_class, read_compressed_config
 from slimformer.models.surgery import set_module
-from slimformer.quant.modules import QuantLinear
+from slimformer.core.transform import MODULE_TYPES
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
-# Module types a compressed directory can hold; later techniques register theirs here.
-MODULE_TYPES: dict[str, type] = {"QuantLinear": QuantLinear}
+# The module types a compressed directory can hold: registered by the techniques
+# (``slimformer.core.transform.register_module_type``), complete once slimformer.quant is imported.
+import slimformer.quant  # noqa: E402,F401
 
 
 def library_versions() -> dict[str, str]:

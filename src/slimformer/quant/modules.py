@@ -16,12 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer import kernels
+from slimformer.core.transform import register_module_type
 
 from slimformer.quant import packing
 from slimformer.quant.primitives import dequantize_weight, fake_quantize_activation, quantize_weight
 from slimformer.quant.spec import ActSpec, WeightSpec
 
 
+@register_module_type
 class QuantLinear(nn.Module):
     """``y = act_q(x) @ dequant(W)ᵀ + b`` with W held as packed ``bits``-bit codes.
 
