@@ -55,6 +55,12 @@ def _round_up_to_float16(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(half.float() < scale, up, half).float()
 
 
+def storable_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as it will be stored: float16, never zero, rounded up so the grid still
+    spans the range it was chosen for (codes must be chosen against this value)."""
+    return _round_up_to_float16(scale.clamp_min(_MIN_STORED_SCALE))
+
+
 def quantize_weight(
     weight: torch.Tensor, spec: WeightSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +70,7 @@ def quantize_weight(
     w = weight.detach().float()
     grouped = group_view(w, spec)
     scale, zero = choose_qparams(grouped, spec.bits, spec.symmetric)
-    scale = _round_up_to_float16(scale.clamp_min(_MIN_STORED_SCALE))
+    scale = storable_scale(scale)
     q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     q = q.clamp(spec.qmin, spec.qmax) if spec.symmetric else q.clamp(0, spec.qmax)
     offset = 2 ** (spec.bits - 1) if spec.symmetric else 0

@@ -12,6 +12,7 @@ import torch.nn as nn
 from slimformer.core.transform import BlockContext, Needs, Transform, register
 from slimformer.errors import QuantConfigError
 from slimformer.models.surgery import linear_weight, set_module
+from slimformer.quant.hawq import planned_bits
 from slimformer.quant.modules import QuantLinear
 from slimformer.quant.spec import ActSpec, WeightSpec
 
@@ -32,8 +33,8 @@ class RTN(Transform):
         self.weight_spec()   # validate early: bits range, group settings
         self.act_spec()
 
-    def weight_spec(self) -> WeightSpec:
-        return WeightSpec(self.bits, self.symmetric, self.granularity, self.group_size)
+    def weight_spec(self, bits: int | None = None) -> WeightSpec:
+        return WeightSpec(bits or self.bits, self.symmetric, self.granularity, self.group_size)
 
     def act_spec(self) -> ActSpec | None:
         if self.act_bits is None:
@@ -66,8 +67,9 @@ class RTN(Transform):
         wspec, aspec = self.weight_spec(), self.act_spec()
         for name, module in self.target_linears(block, ctx).items():
             weight = linear_weight(module)
+            spec = self.weight_spec(planned_bits(ctx, name, self.bits, wspec))   # HAWQ may choose per layer
             try:
-                qlinear = QuantLinear.from_float(weight, module.bias, wspec, aspec)
+                qlinear = QuantLinear.from_float(weight, module.bias, spec, aspec)
             except QuantConfigError as exc:
                 raise QuantConfigError(f"{ctx.prefix}.{name}: {exc}") from None
             if aspec is not None and not aspec.dynamic:
