@@ -22,6 +22,11 @@ Dispatch by number of tokens M (rows of ``x``):
     rounding), int8 x int8 -> int32 GEMM by ``torch._int_mm`` (oneDNN; exact, and
     measured ~4x faster than fp32 at M=512 — it may use VNNI where the CPU has
     it) or, when that is missing, our AVX2 maddubs kernel; rescale by our kernel.
+  * group-wise W8A8 (ZeroQuant): up to ``ZQ_INT_MM_MIN_M`` tokens, one fused kernel
+    quantises the tokens in its input pass and sums exact int32 group dot products
+    scaled by the group scales; beyond, the tokens are quantised once and each
+    group is one ``torch._int_mm`` whose int32 result our kernel scales into the
+    fp32 output (see ``w8a8_group_linear``).
 
 Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
 Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
@@ -41,8 +46,9 @@ from slimformer.kernels import reference
 from slimformer.kernels._build import get_lib, load_error
 
 __all__ = [
-    "PackedInt8", "PackedInt4", "prepare_int8", "prepare_int4", "int8_linear", "int4_linear",
-    "w8a8_linear", "set_num_threads", "kernels_available", "reference",
+    "PackedInt8", "PackedInt4", "PackedInt8Groups", "prepare_int8", "prepare_int4", "prepare_w8a8_groups",
+    "int8_linear", "int4_linear", "w8a8_linear", "w8a8_group_linear", "quantize_tokens_int8",
+    "set_num_threads", "kernels_available", "reference",
 ]
 
 _NUM_THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -325,3 +331,163 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
 
         y = _dequant_gemm(x2, N, K, b, dequant)
     return _finish(y, x, N)
+
+
+# ---------------------------------------------------------------------- W8A8, group-wise weights
+# ZeroQuant's format: symmetric weights with one scale per group of input columns and
+# dynamic per-token symmetric int8 activations. The existing W8A8 path factors the
+# weight scale out of the whole row; with group scales each group's integer dot
+# product must be scaled separately, so it gets its own kernels.
+ZQ_INT_MM_MIN_M = 64  # per-group torch._int_mm from this many tokens, else the fused kernel (measured)
+ZQ_ISA: str | None = None  # "vnni" or "avx2" for the fused kernel; None: the best this CPU runs
+
+
+@dataclass
+class PackedInt8Groups:
+    """Runtime layout for group-wise W8A8: ``q`` holds the signed integer weights
+    (``code - 2^(bits-1)``), ``w = q * scale[n, g]`` over groups of ``group_size`` columns."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, G] float32
+    scale_t: torch.Tensor  # [G, N] float32: the same scales, one contiguous row per group (GEMM epilogue)
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def codes(self) -> torch.Tensor:
+        return (self.q.to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.shape
+        return (self.q.float().reshape(N, -1, self.group_size) * self.scale[..., None]).reshape(N, K)
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 4
+
+
+def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int = 8) -> PackedInt8Groups:
+    """Repack stored symmetric group-wise codes (``[N, K]`` uint8 in ``0..2^bits-1``,
+    scale ``[N, K/group_size]``) for :func:`w8a8_group_linear`."""
+    if codes_u8.dim() != 2:
+        raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+    N, K = codes_u8.shape
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"group_size {group_size} does not divide {K} input columns")
+    G = K // group_size
+    if scale.numel() != N * G:
+        raise ValueError(f"expected {N}x{G} group scales, got {tuple(scale.shape)}")
+    q = (codes_u8.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).contiguous()
+    s = scale.float().reshape(N, G).contiguous()
+    return PackedInt8Groups(q, s, s.t().contiguous(), int(group_size), bits)
+
+
+_ZQ_DECLARED = False
+
+
+def _zq_lib():
+    """The kernel library with the group-wise W8A8 entry points declared (or None)."""
+    global _ZQ_DECLARED
+    lib = get_lib()
+    if lib is not None and not _ZQ_DECLARED:
+        import ctypes
+
+        P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for name, args in {
+            "sf_zq_quant_act": [P, P, P, I64, I64, INT],
+            "sf_zq_linear": [P, P, P, P, P, I64, I64, I64, I64, INT, INT],
+            "sf_zq_has_vnni": [],
+            "sf_zq_accumulate": [P, P, P, P, P, I64, I64, INT, INT, INT],
+        }.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+        lib.sf_zq_has_vnni.restype = INT
+        _ZQ_DECLARED = True
+    return lib
+
+
+def zq_isa() -> str:
+    """The instruction set the fused group-wise W8A8 kernel runs with: ``vnni``
+    (AVX-512 VNNI, where the CPU has it) or ``avx2``; ``ZQ_ISA`` overrides."""
+    lib = _zq_lib()
+    has_vnni = lib is not None and bool(lib.sf_zq_has_vnni())
+    if ZQ_ISA is None:
+        return "vnni" if has_vnni else "avx2"
+    if ZQ_ISA not in ("vnni", "avx2") or (ZQ_ISA == "vnni" and not has_vnni):
+        raise ValueError(f"ZQ_ISA={ZQ_ISA!r} is not available here (vnni: {has_vnni})")
+    return ZQ_ISA
+
+
+def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token symmetric int8 codes ``[M, K]`` and scales ``[M]`` of ``x [..., K]``
+    by the kernel's own quantiser (the codes of ``primitives.fake_quantize_activation``)."""
+    K = x.shape[-1]
+    x2 = _prep_x(x, K)
+    M = x2.shape[0]
+    lib = _zq_lib()
+    if lib is None:
+        q, sx = reference.quantize_activation_per_token(x2)
+        return q.to(torch.int8), sx.reshape(M)
+    qx = torch.empty(M, K, dtype=torch.int8)
+    sx = torch.empty(M, dtype=torch.float32)
+    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, _NUM_THREADS)
+    return qx, sx
+
+
+def w8a8_group_linear(x: torch.Tensor, packed: PackedInt8Groups, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant_token(x) @ dequant(W)^T + bias`` computed in integers: per token
+    and output row, each group's int8 x int8 dot product is exact, scaled by the
+    group's weight scale and summed in fp32, and the token's scale applied last."""
+    N, K = packed.shape
+    lib = _zq_lib()
+    if lib is None:
+        _warn_fallback("w8a8-group", (N, K), f"kernels unavailable ({load_error()})")
+        return _w8a8_group_fallback(x, packed, bias)
+    x2, b = _prep_x(x, K), _prep_bias(bias)
+    M, gs = x2.shape[0], packed.group_size
+    y = torch.empty(M, N, dtype=torch.float32)
+    if M < ZQ_INT_MM_MIN_M or not _w8a8_group_gemm(lib, x2, packed, b, y):
+        lib.sf_zq_linear(packed.q.data_ptr(), packed.scale.data_ptr(), x2.data_ptr(), _ptr(b), y.data_ptr(),
+                         M, N, K, gs, int(zq_isa() == "vnni"), _NUM_THREADS)
+    return _finish(y, x, N)
+
+
+def _w8a8_group_gemm(lib, x2: torch.Tensor, packed: PackedInt8Groups, b, y: torch.Tensor) -> bool:
+    """Large M: quantise the tokens once, then per group an int32 GEMM (torch._int_mm)
+    scaled into ``y`` by our epilogue. False when this torch has no CPU _int_mm."""
+    global _INT_MM_OK
+    if _INT_MM_OK is False:
+        return False
+    (M, K), (N, gs) = x2.shape, (packed.shape[0], packed.group_size)
+    qx = torch.empty(M, K, dtype=torch.int8)
+    sx = torch.empty(M, dtype=torch.float32)
+    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, _NUM_THREADS)
+    acc = torch.empty(M, N, dtype=torch.int32)
+    G = K // gs
+    for g in range(G):
+        cols = slice(g * gs, (g + 1) * gs)
+        try:
+            torch._int_mm(qx[:, cols], packed.q[:, cols].t(), out=acc)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT_MM_OK = False
+            return False
+        lib.sf_zq_accumulate(acc.data_ptr(), packed.scale_t[g].data_ptr(), y.data_ptr(), sx.data_ptr(), _ptr(b),
+                             M, N, int(g == 0), int(g == G - 1), _NUM_THREADS)
+    return True
+
+
+def _w8a8_group_fallback(x, packed: PackedInt8Groups, bias) -> torch.Tensor:
+    N, K = packed.shape
+    q, sx = reference.quantize_activation_per_token(x)
+    gs = packed.group_size
+    # exact integer dot product per group (float64 holds them exactly), then the scales
+    per_group = torch.einsum("mgk,ngk->mng", q.double().reshape(-1, K // gs, gs),
+                             packed.q.double().reshape(N, K // gs, gs))
+    y = (per_group * packed.scale.double()[None]).sum(-1).float() * sx
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)

@@ -403,3 +403,280 @@ void sf_w8a8_rescale(const int32_t* acc, const int32_t* corr, const int32_t* qsu
 }
 
 }  // extern "C"
+
+
+// ---------------------------------------------------------------- group-wise W8A8 (ZeroQuant)
+// Weights: qw [N,K] int8 signed integer values (symmetric codes - offset, any int8),
+// one fp32 scale per row and group of gs columns: sw [N, K/gs].
+// Activations: dynamic per-token symmetric int8, quantised inside the kernel.
+//   y[m,n] = sx[m] * sum_g sw[n,g] * idot_g(qw[n], qx[m]) + bias[n]
+// Each idot_g is an exact integer sum, kept as exact int32 partials per vector lane
+// and converted to float once per group, so only the fp32 scaling and the sum over
+// groups round.
+//
+// Two instruction sets, chosen at run time (isa argument): AVX2 only, where
+// maddubs(|w|, sign(x, w)) + madd(., 1) makes 32 products in 4 instructions per
+// token; and AVX-512 VNNI (256-bit vpdpbusd, EVEX) where the token codes are stored
+// offset to unsigned (x + 128) and one vpdpbusd per token does the 32 products; the
+// offset's share 128 * sum(w) is one more vpdpbusd per 32 weights, shared by the tokens.
+#define SF_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+// Per-token quantisation, vectorised; the same IEEE operations as
+// primitives.fake_quantize_activation (s = max(absmax / 127, 1e-12); q = rint(x / s),
+// ties to even like torch.round), so the codes are bit-identical. The reference
+// clamps to -128, which is unreachable (|x| / s <= 127 up to one rounding), so we
+// clamp to -127: maddubs(|w|, sign(x, w)) needs x != -128 to stay exact.
+// flip: store x + 128 as unsigned bytes (code ^ 0x80) for the VNNI kernel.
+// A token holding NaN or Inf gets scale NaN (its output row is NaN, as the
+// reference's is) and zero codes.
+static void zq_quant_row(const float* r, int8_t* o, float* s_out, int64_t K, int flip) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(r + k), absmask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float amax = 0.f;
+    bool nan = _mm256_movemask_ps(bad) != 0;
+    for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; ++k) {
+        float a = fabsf(r[k]);
+        nan |= a != a;
+        amax = a > amax ? a : amax;
+    }
+    const int8_t zero_code = flip ? (int8_t)0x80 : 0;
+    if (nan || isinf(amax)) {
+        *s_out = NAN;
+        memset(o, zero_code, (size_t)K);
+        return;
+    }
+    float s = amax / 127.0f;
+    if (s < 1e-12f) s = 1e-12f;
+    *s_out = s;
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i vflip = _mm256_set1_epi8(zero_code);
+    const int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i q[4];
+        for (int j = 0; j < 4; ++j) {
+            __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(r + k + 8 * j), vs), R);
+            q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        }
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), vflip);
+        _mm256_storeu_si256((__m256i*)(o + k), p);
+    }
+    for (; k < K; ++k) {
+        float v = nearbyintf(r[k] / s);
+        o[k] = (int8_t)(v < -127.f ? -127.f : (v > 127.f ? 127.f : v)) ^ zero_code;
+    }
+}
+
+// One weight row against MT (<= 4) quantised tokens (AVX2): |w| is computed once per
+// 32 bytes and used for all MT tokens.
+template <int MT>
+static inline void zq_row_avx2(const int8_t* w, const float* sw, const int8_t* qx, const float* sx,
+                               const float* bias, float* y, int64_t N, int64_t K, int64_t gs, int64_t n) {
+    const int64_t G = K / gs;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i ones4 = _mm_set1_epi16(1);
+    __m256 f[MT];
+    float tail[MT];
+    for (int t = 0; t < MT; ++t) { f[t] = _mm256_setzero_ps(); tail[t] = 0.f; }
+    for (int64_t g = 0; g < G; ++g) {
+        const int8_t* wg = w + g * gs;
+        const int8_t* xg = qx + g * gs;
+        __m256i acc[MT];
+        for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+        int64_t k = 0;
+        for (; k + 32 <= gs; k += 32) {
+            __m256i vw = _mm256_loadu_si256((const __m256i*)(wg + k));
+            __m256i aw = _mm256_abs_epi8(vw);
+            for (int t = 0; t < MT; ++t) {
+                __m256i vx = _mm256_loadu_si256((const __m256i*)(xg + t * K + k));
+                __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(vx, vw));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+            }
+        }
+        if (k + 16 <= gs) {  // group sizes that are odd multiples of 16
+            __m128i vw = _mm_loadu_si128((const __m128i*)(wg + k));
+            __m128i aw = _mm_abs_epi8(vw);
+            for (int t = 0; t < MT; ++t) {
+                __m128i vx = _mm_loadu_si128((const __m128i*)(xg + t * K + k));
+                __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(aw, _mm_sign_epi8(vx, vw)), ones4);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_inserti128_si256(_mm256_setzero_si256(), p, 0));
+            }
+            k += 16;
+        }
+        __m256 s = _mm256_set1_ps(sw[g]);
+        for (int t = 0; t < MT; ++t) f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), s, f[t]);
+        if (k < gs) {  // any other group size: exact scalar remainder
+            for (int t = 0; t < MT; ++t) {
+                int32_t r = 0;
+                for (int64_t kk = k; kk < gs; ++kk) r += (int32_t)wg[kk] * (int32_t)xg[t * K + kk];
+                tail[t] += sw[g] * (float)r;
+            }
+        }
+    }
+    for (int t = 0; t < MT; ++t) {
+        float v = (hsum8(f[t]) + tail[t]) * sx[t];
+        y[t * N + n] = bias ? v + bias[n] : v;
+    }
+}
+
+// The same with VNNI; qx holds x + 128 as unsigned bytes. Per lane,
+// dpbusd(x + 128, w) - dpbusd(128, w) is the exact signed partial dot product.
+template <int MT>
+SF_VNNI static inline void zq_row_vnni(const int8_t* w, const float* sw, const uint8_t* qx, const float* sx,
+                                       const float* bias, float* y, int64_t N, int64_t K, int64_t gs, int64_t n) {
+    const int64_t G = K / gs;
+    const __m256i c128 = _mm256_set1_epi8((char)0x80);
+    const __m128i c128h = _mm_set1_epi8((char)0x80);
+    __m256 f[MT];
+    float tail[MT];
+    for (int t = 0; t < MT; ++t) { f[t] = _mm256_setzero_ps(); tail[t] = 0.f; }
+    for (int64_t g = 0; g < G; ++g) {
+        const int8_t* wg = w + g * gs;
+        const uint8_t* xg = qx + g * gs;
+        __m256i acc[MT], off = _mm256_setzero_si256();
+        for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+        int64_t k = 0;
+        for (; k + 32 <= gs; k += 32) {
+            __m256i vw = _mm256_loadu_si256((const __m256i*)(wg + k));
+            off = _mm256_dpbusd_epi32(off, c128, vw);
+            for (int t = 0; t < MT; ++t)
+                acc[t] = _mm256_dpbusd_epi32(acc[t], _mm256_loadu_si256((const __m256i*)(xg + t * K + k)), vw);
+        }
+        if (k + 16 <= gs) {
+            __m128i vw = _mm_loadu_si128((const __m128i*)(wg + k));
+            __m128i o = _mm_dpbusd_epi32(_mm_setzero_si128(), c128h, vw);
+            off = _mm256_add_epi32(off, _mm256_inserti128_si256(_mm256_setzero_si256(), o, 0));
+            for (int t = 0; t < MT; ++t) {
+                __m128i p = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_loadu_si128((const __m128i*)(xg + t * K + k)), vw);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_inserti128_si256(_mm256_setzero_si256(), p, 0));
+            }
+            k += 16;
+        }
+        __m256 s = _mm256_set1_ps(sw[g]);
+        for (int t = 0; t < MT; ++t)
+            f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[t], off)), s, f[t]);
+        if (k < gs) {
+            for (int t = 0; t < MT; ++t) {
+                int32_t r = 0;
+                for (int64_t kk = k; kk < gs; ++kk) r += (int32_t)wg[kk] * ((int32_t)xg[t * K + kk] - 128);
+                tail[t] += sw[g] * (float)r;
+            }
+        }
+    }
+    for (int t = 0; t < MT; ++t) {
+        float v = (hsum8(f[t]) + tail[t]) * sx[t];
+        y[t * N + n] = bias ? v + bias[n] : v;
+    }
+}
+
+// Rows n0..n1 against tokens m0..m0+mt (mt <= 4), one function per instruction set
+// so the row kernels inline into code compiled for their target.
+#define ZQ_BLOCK_BODY(ROW, XT)                                                                 \
+    for (int64_t n = n0; n < n1; ++n) {                                                        \
+        const int8_t* w = qw + n * K;                                                          \
+        const float* s = sw + n * (K / gs);                                                    \
+        const XT* xm = (const XT*)qx;                                                          \
+        switch (mt) {                                                                          \
+            case 4: ROW<4>(w, s, xm, sx, bias, y, N, K, gs, n); break;                         \
+            case 3: ROW<3>(w, s, xm, sx, bias, y, N, K, gs, n); break;                         \
+            case 2: ROW<2>(w, s, xm, sx, bias, y, N, K, gs, n); break;                         \
+            default: ROW<1>(w, s, xm, sx, bias, y, N, K, gs, n); break;                        \
+        }                                                                                      \
+    }
+
+static void zq_block_avx2(const int8_t* qw, const float* sw, const int8_t* qx, const float* sx, const float* bias,
+                          float* y, int64_t N, int64_t K, int64_t gs, int64_t n0, int64_t n1, int64_t mt) {
+    ZQ_BLOCK_BODY(zq_row_avx2, int8_t)
+}
+
+SF_VNNI static void zq_block_vnni(const int8_t* qw, const float* sw, const int8_t* qx, const float* sx,
+                                  const float* bias, float* y, int64_t N, int64_t K, int64_t gs, int64_t n0,
+                                  int64_t n1, int64_t mt) {
+    ZQ_BLOCK_BODY(zq_row_vnni, uint8_t)
+}
+
+// 1 when this CPU (and OS) can run the VNNI kernel.
+extern "C" int sf_zq_has_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+// Quantise M tokens of x [M,K] (fp32) to int8 codes qx [M,K] and scales sx [M].
+extern "C" void sf_zq_quant_act(const float* x, int8_t* qx, float* sx, int64_t M, int64_t K, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; ++m) zq_quant_row(x + m * K, qx + m * K, sx + m, K, 0);
+}
+
+// The fused kernel: quantise x inside (one pass per token, into a private buffer),
+// then the group-wise integer dot products with the dequantisation in the epilogue.
+// Blocks of NB weight rows stay in L1 while the tokens stream past in chunks of 4.
+// isa: 0 AVX2, 1 AVX-512 VNNI (only where sf_zq_has_vnni()).
+extern "C" void sf_zq_linear(const int8_t* qw, const float* sw, const float* x, const float* bias, float* y,
+                             int64_t M, int64_t N, int64_t K, int64_t gs, int isa, int nt) {
+    if (M <= 0 || N <= 0) return;
+    int8_t* qx = (int8_t*)malloc((size_t)(M * K + 32));
+    float* sx = (float*)malloc(sizeof(float) * M);
+    if (M * N * K < 4 * SMALL_WORK) nt = 1;
+    int64_t NB = 16384 / (K > 0 ? K : 1);
+    if (NB < 1) NB = 1;
+    if (N < NB * 2 * nt) NB = (N + 2 * nt - 1) / (2 * nt);  // enough blocks for every thread
+    auto block = isa ? zq_block_vnni : zq_block_avx2;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) zq_quant_row(x + m * K, qx + m * K, sx + m, K, isa);
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < N; nb += NB) {
+            const int64_t ne = nb + NB < N ? nb + NB : N;
+            for (int64_t m0 = 0; m0 < M; m0 += 4)
+                block(qw, sw, qx + m0 * K, sx + m0, bias, y + m0 * N, N, K, gs, nb, ne, M - m0 >= 4 ? 4 : M - m0);
+        }
+    }
+    free(qx);
+    free(sx);
+}
+
+// Epilogue of one group's int32 GEMM done elsewhere (torch._int_mm), acc [M,N]:
+// y (+)= acc * swt_g (swt_g: row g of the transposed group scales [G, N]); after the
+// last group y = y * sx[m] + bias[n].
+extern "C" void sf_zq_accumulate(const int32_t* acc, const float* swt_g, float* y, const float* sx,
+                                 const float* bias, int64_t M, int64_t N, int first, int last, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (M * N > 16384)
+    for (int64_t m = 0; m < M; ++m) {
+        const int32_t* a = acc + m * N;
+        float* ym = y + m * N;
+        const __m256 vsx = _mm256_set1_ps(last ? sx[m] : 1.f);
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(a + n))),
+                                     _mm256_loadu_ps(swt_g + n));
+            if (!first) v = _mm256_add_ps(_mm256_loadu_ps(ym + n), v);
+            if (last) {
+                v = _mm256_mul_ps(v, vsx);
+                if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            }
+            _mm256_storeu_ps(ym + n, v);
+        }
+        for (; n < N; ++n) {
+            float v = (float)a[n] * swt_g[n];
+            if (!first) v = ym[n] + v;
+            if (last) {
+                v = v * sx[m];
+                if (bias) v = v + bias[n];
+            }
+            ym[n] = v;
+        }
+    }
+}

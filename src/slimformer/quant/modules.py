@@ -116,8 +116,11 @@ class QuantLinear(nn.Module):
         group = spec.group_size if spec.granularity == "group" else None
         per_row = spec.granularity != "group"
         if act is not None:
-            if act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token" and per_row:
-                return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+            if act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token":
+                if per_row:
+                    return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+                if spec.symmetric:  # group-wise weights (ZeroQuant)
+                    return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
             return None, None
         if spec.bits <= 4:
             return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric, bits=spec.bits)
