@@ -153,6 +153,7 @@ def test_per_layer_bits_from_the_shared_plan():
     class Plan(GPTQ):
         def plan_model(self, model, adapter, calib, plan):
             plan["bits"] = {"model.layers.0.mlp.down_proj": 8, "model.layers.0.self_attn.k_proj": 2}
+            plan["bits_format"] = ("group", 32, True)
 
     run_transforms(model, [Plan(bits=4, granularity="group", group_size=32)], calib=_calib(), progress=False)
     layer = model.model.layers[0]
@@ -216,3 +217,31 @@ def test_compress_save_and_generate(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4", "--ignore-eos"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_w8a8_activations_quantised_as_the_saved_layer_does(dynamic):
+    """With activation quantisation, the one-pass forward feeds each layer fake-quantised
+    inputs (as the finished QuantLinear will), and static scales come from that forward."""
+    seen = []
+
+    class Spy(GPTQ):
+        def prepare(self, block, ctx):
+            super().prepare(block, ctx)
+            if ctx.index == 1:
+                ctx.state["handles"].append(block.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())))
+
+    model, calib = tiny_model("llama"), _calib()
+    first = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: first.append(a[0].abs().max()))
+    stage = Spy(bits=8, act_bits=8, act_granularity="token" if dynamic else "tensor", act_dynamic=dynamic)
+    run_transforms(model, [stage], calib=calib, progress=False)
+    handle.remove()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.act_spec.dynamic == dynamic
+    if not dynamic:
+        assert q.act_scale.item() == pytest.approx(first[0].item() / 127, rel=1e-4)
+    inputs, kwargs = capture_block_inputs(model, calib, len(calib))
+    with torch.no_grad():
+        out = model.model.layers[0](inputs[0], **kwargs)
+    torch.testing.assert_close(seen[0], out[0] if isinstance(out, tuple) else out, atol=1e-4, rtol=1e-4)

@@ -34,8 +34,9 @@ from slimformer.errors import QuantConfigError
 from slimformer.models.surgery import linear_weight, set_module
 from slimformer.quant.hawq import planned_bits
 from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import choose_qparams, storable_scale
-from slimformer.quant.spec import WeightSpec
+from slimformer.quant.primitives import choose_qparams, fake_quantize_activation, storable_scale
+from slimformer.quant.rtn import static_act_params
+from slimformer.quant.spec import ActSpec, WeightSpec
 
 _CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 … 0.6
 _MAX_DAMPENING_STEPS = 6
@@ -58,11 +59,17 @@ class GPTQ(Transform):
     block_size: int = 128            # columns per lazy batch update
     clip_search: bool = True
     true_sequential: bool = True
+    # Optional activation quantisation of the layers' inputs (W8A8 after SmoothQuant):
+    act_bits: int | None = None
+    act_granularity: Literal["tensor", "token"] = "token"
+    act_dynamic: bool = True
+    act_symmetric: bool = True
 
     needs = Needs.CALIBRATION
 
     def __post_init__(self):
         self.weight_spec()
+        self.act_spec()
         if self.act_order and self.granularity == "group" and not self.static_groups:
             raise QuantConfigError("act_order with group quantisation needs static_groups: true "
                                    "(groups keep the original column order, so the packed layout is standard)")
@@ -74,23 +81,36 @@ class GPTQ(Transform):
     def weight_spec(self, bits: int | None = None) -> WeightSpec:
         return WeightSpec(bits or self.bits, self.symmetric, self.granularity, self.group_size)
 
+    def act_spec(self) -> ActSpec | None:
+        if self.act_bits is None:
+            return None
+        return ActSpec(self.act_bits, self.act_symmetric, self.act_granularity, self.act_dynamic)
+
     def one_pass(self) -> bool:
         return self.true_sequential
 
     # ------------------------------------------------------------------ per block
     def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
         ctx.state.clear()
-        ctx.state.update(results={}, hessians={}, handles=[])
+        ctx.state.update(results={}, hessians={}, ranges={}, handles=[])
+        act = self.act_spec()
         for names in self._input_groups(ctx):
             key = names[0]
 
             def hook(_module, args, names=names, key=key):
                 x = args[0].detach()
-                if self.true_sequential:
-                    if key not in ctx.state["results"]:   # the group's first member to run
-                        self._quantize_group(block, ctx, names, *_hessian(x))
-                else:
+                if act is not None and key not in ctx.state["results"]:
+                    lo, hi = ctx.state["ranges"].get(key, (0.0, 0.0))
+                    ctx.state["ranges"][key] = (min(lo, x.min().item()), max(hi, x.max().item()))
+                if not self.true_sequential:
                     _accumulate(ctx.state["hessians"], key, x)
+                    return None
+                if key not in ctx.state["results"]:   # the group's first member to run
+                    self._quantize_group(block, ctx, names, *_hessian(x))
+                if act is None:
+                    return None
+                # the rest of this forward computes as the finished layer will: quantised inputs
+                return (fake_quantize_activation(args[0], act, *self._static_params(ctx, key)), *args[1:])
 
             for name in names:
                 ctx.state["handles"].append(block.get_submodule(name).register_forward_pre_hook(hook))
@@ -105,12 +125,23 @@ class GPTQ(Transform):
                     raise QuantConfigError(f"{ctx.prefix}.{names[0]}: no calibration input reached this layer")
                 hessian, count = ctx.state["hessians"].pop(names[0])
                 self._quantize_group(block, ctx, names, hessian / count, count)
+            act_params = self._static_params(ctx, names[0])
             for name in names:
                 module = block.get_submodule(name)
                 spec, codes, scale, zero = results[names[0]][name]
-                set_module(block, name, QuantLinear.from_float(linear_weight(module), module.bias, spec,
-                                                               codes=codes, scale=scale, zero=zero))
+                qlinear = QuantLinear.from_float(linear_weight(module), module.bias, spec, self.act_spec(),
+                                                 codes=codes, scale=scale, zero=zero)
+                if act_params[0] is not None:
+                    qlinear.act_scale, qlinear.act_zero = act_params
+                set_module(block, name, qlinear)
         ctx.state.clear()
+
+    def _static_params(self, ctx: BlockContext, key: str) -> tuple:
+        """Per-tensor activation scale and zero-point from the observed range (static only)."""
+        act = self.act_spec()
+        if act is None or act.dynamic:
+            return None, None
+        return static_act_params(*ctx.state["ranges"][key], act)
 
     def _input_groups(self, ctx: BlockContext) -> list[list[str]]:
         """Target projections grouped by shared input, in data-flow order."""
