@@ -162,9 +162,51 @@ def tensor_parallel_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def ptq_smollm2_table(payload: dict) -> str:
+    rows = payload["rows"]
+    base = next((r for r in rows if r["name"] == "fp32"), None)
+    anchor = payload["protocol"]["anchor"]
+    lines = [
+        "Post-training quantisation suite on SmolLM2-135M (`benchmarks/ptq.py` → `benchmarks/results/ptq_smollm2.json`). "
+        f"WikiText-2 test, {payload['protocol']['wikitext2_windows']} × 512 tokens; KL and top-1 agreement against fp32 on "
+        f"{payload['protocol']['agreement_windows']} windows; calibration {payload['protocol']['calibration']}; stored MB = "
+        "the saved `model.safetensors` (the fp32 tied embedding, 113 MB, included); compress s on 2 threads. "
+        f"Anchor: {anchor['tool']}: ppl {anchor['perplexity']} in {anchor['compress_seconds']:.0f} s.",
+        "",
+        "| row | what | WikiText-2 ppl | Δ vs fp32 | KL | top-1 | stored MB | compress s | generate engine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ppl = r.get("perplexity")
+        delta = None if base is None or ppl is None or r is base else 100 * (ppl / base["perplexity"] - 1)
+        engine = (r.get("generate") or {}).get("engine", "—")
+        lines.append(
+            f"| {r['name']} | {r.get('purpose', '')} | {_fmt(ppl, '.2f')} | {'—' if delta is None else f'{delta:+.1f}%'} | "
+            f"{_fmt(r.get('kl'), '.4f')} | {_percent(r.get('top1_agreement'))} | {r['stored_bytes'] / 1e6:.1f} | "
+            f"{_fmt(r.get('compress_seconds'), '.0f')} | {engine} |")
+    return "\n".join(lines)
+
+
+def ptq_minilm_table(payload: dict) -> str:
+    lines = [
+        "The same techniques on all-MiniLM-L6-v2 (`benchmarks/ptq.py --model minilm-l6` → "
+        f"`benchmarks/results/ptq_minilm.json`): embedding cosine to fp32 on {payload['protocol']['sentences']}, "
+        f"STS-B {payload['protocol']['stsb']} Spearman; calibration {payload['protocol']['calibration']}.",
+        "",
+        "| row | what | cosine mean | cosine min | STS-B Spearman | stored MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        cos = r.get("embedding_cosine") or {}
+        lines.append(f"| {r['name']} | {r.get('purpose', '')} | {_fmt(cos.get('mean'), '.4f')} | {_fmt(cos.get('min'), '.4f')} | "
+                     f"{_fmt((r.get('stsb') or {}).get('spearman'), '.4f')} | {r['stored_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
-          "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table}
+          "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
+          "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table}
 
 
 def render() -> str:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seed", type=int, help="sample calibration windows at random with this seed (default: the first ones in order)")
     p.add_argument("--seqlen", type=_positive_int, default=512, help="calibration sequence length (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--budget-bits", type=float, metavar="BITS",
+                   help="average bits over the quantised weights for the recipe's HAWQ stage (e.g. 4.5)")
 
     p = sub.add_parser("eval", help="measure quality and cost of one model")
     model_arg(p)
@@ -200,6 +202,10 @@ def run(args) -> int:
         from slimformer.recipes import load_recipe
 
         recipe = load_recipe(args.recipe)
+        if args.budget_bits is not None:
+            from slimformer.quant.hawq import with_budget
+
+            recipe = with_budget(recipe, args.budget_bits)
     if args.command in ("compress", "compare"):
         check_output_dir(Path(args.out), args.overwrite)
     if getattr(args, "tasks", None):

@@ -86,3 +86,31 @@ def test_bad_settings():
     with pytest.raises(QuantConfigError, match="HAWQ allocated bits for granularity channel.*same format"):
         run_transforms(model, [HAWQ(budget_bits=5.0, bit_choices=(4, 8), samples=1, probes=1),
                                GPTQ(bits=4, granularity="group", group_size=32)], calib=_calib(), progress=False)
+
+
+def test_cli_budget_bits(tmp_path, capsys):
+    import json
+
+    from slimformer.cli import main
+    from slimformer.models.tiny import tiny_tokenizer
+
+    model, tok = tiny_model("llama", seed=1), tiny_tokenizer()
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 400)
+    common = ["--quiet", "compress", str(src), "--calib", str(text), "--calib-samples", "4", "--seqlen", "32"]
+    out = tmp_path / "hawq"
+    assert main([*common, "--recipe", "hawq-4.5", "--budget-bits", "5.5", "--out", str(out)]) == 0
+    saved = json.loads((out / "slimformer.json").read_text())
+    assert "--budget-bits 5.5" in saved["recipe"]
+    sizes = {n: m["in_features"] * m["out_features"] for n, m in saved["modules"].items()}
+    bits = {n: m["weight"]["bits"] for n, m in saved["modules"].items()}
+    assert 4.5 < average_bits(bits, sizes) <= 5.5
+    capsys.readouterr()
+    assert main([*common, "--recipe", "rtn-w4", "--budget-bits", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "needs a recipe with a HAWQ stage" in capsys.readouterr().err
+    assert main([*common, "--recipe", "hawq-4.5", "--budget-bits", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "below the smallest choice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
