@@ -11,7 +11,7 @@ the median per variant), 2 threads:
   unfused      what torch alone does for this format: fake-quantise x per token,
                dequantise the weight, F.linear (QuantLinear.forward_reference);
   zeroquant    QuantLinear.forward: kernels.w8a8_group_linear with its own dispatch
-               (the fused kernel up to ZQ_INT_MM_MIN_M tokens, else per-group torch._int_mm);
+               (the fused kernel, or per-group torch._int_mm from ZQ_INT_MM_MIN_M tokens);
   fused-<isa>  the fused kernel forced, per instruction set this CPU has (avx2, vnni);
   int_mm       tokens quantised once, one torch._int_mm per group, our epilogue.
 
@@ -52,17 +52,17 @@ TOKENS = (1, 16, 512)
 
 
 def variants(layer: QuantLinear, weight: torch.Tensor) -> dict:
-    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, GROUP)
     isas = ["avx2", "vnni"] if K.zq_isa() == "vnni" else ["avx2"]
+    packed = {isa: K.prepare_w8a8_groups(layer.codes(), layer.scale, GROUP, isa=isa) for isa in isas}
 
-    def forced(isa: str | None, int_mm_min_m: int):
+    def forced(isa: str, int_mm_from: int | None):
         def run(x):
-            saved = K.ZQ_ISA, K.ZQ_INT_MM_MIN_M
-            K.ZQ_ISA, K.ZQ_INT_MM_MIN_M = isa, int_mm_min_m
+            saved = K.ZQ_INT_MM_MIN_M
+            K.ZQ_INT_MM_MIN_M = {isa: int_mm_from}
             try:
-                return K.w8a8_group_linear(x, packed)
+                return K.w8a8_group_linear(x, packed[isa])
             finally:
-                K.ZQ_ISA, K.ZQ_INT_MM_MIN_M = saved
+                K.ZQ_INT_MM_MIN_M = saved
         return run
 
     out = {
@@ -70,9 +70,16 @@ def variants(layer: QuantLinear, weight: torch.Tensor) -> dict:
         "unfused": layer.forward_reference,
         "zeroquant": layer.forward,
     }
-    out.update({f"fused-{isa}": forced(isa, 10**9) for isa in isas})
-    out["int_mm"] = forced(None, 1)
+    out.update({f"fused-{isa}": forced(isa, None) for isa in isas})
+    out["int_mm"] = forced(K.zq_isa(), 1)
     return out
+
+
+def zeroquant_path(m: int) -> str:
+    """What QuantLinear.forward runs for m tokens on this CPU."""
+    isa = K.zq_isa()
+    large = K.ZQ_INT_MM_MIN_M.get(isa)
+    return "int_mm" if large is not None and m >= large else f"fused-{isa}"
 
 
 def round_robin(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -122,7 +129,7 @@ def main() -> None:
             exact, reference, fast = F.linear(x, weight), layer.forward_reference(x), layer(x)
             row = {
                 "median_us": times,
-                "zeroquant_path": "fused-" + K.zq_isa() if m < K.ZQ_INT_MM_MIN_M else "int_mm",
+                "zeroquant_path": zeroquant_path(m),
                 "speedup_vs_fp32": round(times["fp32"] / times["zeroquant"], 2),
                 "speedup_vs_unfused": round(times["unfused"] / times["zeroquant"], 2),
                 "rel_error_vs_fp32": round(rel(fast, exact), 5),

@@ -28,21 +28,17 @@ pytestmark = pytest.mark.skipif(not K.kernels_available(), reason=f"kernels unav
 TOKEN_A8 = ActSpec(8, True, "token", True)
 
 
-def _isas() -> list[str]:
-    has_vnni = K._zq_lib() is not None and bool(K._zq_lib().sf_zq_has_vnni())
-    return ["avx2", "vnni"] if has_vnni else ["avx2"]
-
-
-PATHS = [(isa, "fused") for isa in _isas()] + [("auto", "int_mm")]
+ISAS = ["avx2", "vnni"] if K.zq_isa() == "vnni" else ["avx2"]
+PATHS = [(isa, "fused") for isa in ISAS] + [(K.zq_isa(), "int_mm")]
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[1]}")
 def path(request, monkeypatch):
-    """Force one code path: the fused kernel with one instruction set, or per-group _int_mm."""
+    """One code path: the fused kernel for one instruction set, or per-group _int_mm."""
     isa, route = request.param
-    monkeypatch.setattr(K, "ZQ_ISA", None if isa == "auto" else isa)
-    monkeypatch.setattr(K, "ZQ_INT_MM_MIN_M", 1 if route == "int_mm" else 10**9)
-    return request.param
+    large = 1 if route == "int_mm" else None
+    monkeypatch.setattr(K, "ZQ_INT_MM_MIN_M", {"avx2": large, "vnni": large})
+    return isa
 
 
 def _layer(n: int, k: int, group: int, bits: int = 8, bias: bool = True, seed: int = 0) -> QuantLinear:
@@ -71,7 +67,7 @@ CASES = [(k, group) for k in (64, 576, 1536) for group in (32, 64, 128) if k % g
 @pytest.mark.parametrize("m", [1, 3, 8, 37, 512])
 def test_matches_quant_linear_reference(path, k, group, m):
     layer = _layer(97, k, group)
-    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, group)
+    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, group, isa=path)
     x = _tokens(m, k)
     ref = layer.forward_reference(x)
     y = K.w8a8_group_linear(x, packed, layer.bias)
@@ -79,7 +75,7 @@ def test_matches_quant_linear_reference(path, k, group, m):
     assert _rel(y, ref) <= 1e-5
 
 
-def _exact_case(n: int, k: int, group: int, m: int, seed: int = 0):
+def _exact_case(n: int, k: int, group: int, m: int, isa: str, seed: int = 0):
     """Integer weights (with -128) and tokens (each holding ±127, so its scale is 1.0),
     power-of-two group scales: the expected output is an exact int64 computation."""
     g = torch.Generator().manual_seed(seed)
@@ -92,14 +88,14 @@ def _exact_case(n: int, k: int, group: int, m: int, seed: int = 0):
     x[:, 3] = torch.where(torch.arange(m) % 2 == 0, 127.0, -127.0)
     per_group = torch.einsum("mgk,ngk->mng", x.long().reshape(m, G, group), q.reshape(n, G, group))  # int64
     exact = (per_group.double() * scale.double()).sum(-1)
-    packed = K.prepare_w8a8_groups((q + 128).to(torch.uint8), scale.half(), group)
+    packed = K.prepare_w8a8_groups((q + 128).to(torch.uint8), scale.half(), group, isa=isa)
     return x, packed, exact
 
 
-@pytest.mark.parametrize("k,group", [(576, 64), (1536, 32), (1536, 128), (64, 64), (96, 48), (40, 8)])
+@pytest.mark.parametrize("k,group", [(576, 64), (1536, 32), (1536, 128), (64, 64), (96, 48), (80, 16), (40, 8), (36, 6)])
 @pytest.mark.parametrize("m", [1, 3, 8, 37, 512])
 def test_group_integer_sums_are_exact(path, k, group, m):
-    x, packed, exact = _exact_case(33, k, group, m)
+    x, packed, exact = _exact_case(33, k, group, m, path)
     assert exact.abs().max() < 2**22  # the float sums of these integers are exact too
     y = K.w8a8_group_linear(x, packed)
     assert torch.equal(y.double(), exact)
@@ -122,7 +118,7 @@ def test_activation_codes_equal_the_reference_quantiser():
 
 def test_zero_tokens_give_bias_and_nan_tokens_give_nan_rows(path):
     layer = _layer(19, 128, 32)
-    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 32)
+    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 32, isa=path)
     x = _tokens(6, 128)
     x[2] = 0.0
     x[4, 7] = float("nan")
@@ -139,7 +135,7 @@ def test_zero_tokens_give_bias_and_nan_tokens_give_nan_rows(path):
 @pytest.mark.parametrize("bits", [4, 6])
 def test_lower_bit_symmetric_weights(path, bits):
     layer = _layer(65, 192, 64, bits=bits)
-    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 64, bits=bits)
+    packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 64, bits=bits, isa=path)
     assert torch.equal(packed.codes(), layer.codes())
     for m in (1, 9, 70):
         x = _tokens(m, 192)
@@ -174,7 +170,8 @@ def test_quant_linear_runs_this_kernel():
 
 
 def test_without_int_mm_large_m_uses_the_fused_kernel(monkeypatch):
-    monkeypatch.setattr(K, "_INT_MM_OK", False)
+    monkeypatch.setattr(K, "ZQ_INT_MM_MIN_M", {"avx2": 1, "vnni": 1})
+    monkeypatch.setattr(K, "_INT_MM_OK", False)  # as on a torch without a CPU _int_mm
     layer = _layer(50, 192, 64)
     packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 64)
     x = _tokens(300, 192)

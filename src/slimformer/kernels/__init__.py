@@ -22,11 +22,11 @@ Dispatch by number of tokens M (rows of ``x``):
     rounding), int8 x int8 -> int32 GEMM by ``torch._int_mm`` (oneDNN; exact, and
     measured ~4x faster than fp32 at M=512 — it may use VNNI where the CPU has
     it) or, when that is missing, our AVX2 maddubs kernel; rescale by our kernel.
-  * group-wise W8A8 (ZeroQuant): up to ``ZQ_INT_MM_MIN_M`` tokens, one fused kernel
-    quantises the tokens in its input pass and sums exact int32 group dot products
-    scaled by the group scales; beyond, the tokens are quantised once and each
-    group is one ``torch._int_mm`` whose int32 result our kernel scales into the
-    fp32 output (see ``w8a8_group_linear``).
+  * group-wise W8A8 (ZeroQuant): one fused kernel quantises the tokens in its input
+    pass and sums exact int32 group dot products scaled by the group scales (AVX2,
+    or AVX-512 VNNI where the CPU has it, chosen at run time); for many tokens on
+    AVX2 the tokens are quantised once and each group is one ``torch._int_mm``
+    whose int32 result our kernel scales into the fp32 output (``ZQ_INT_MM_MIN_M``).
 
 Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
 Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
@@ -335,23 +335,32 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
 
 # ---------------------------------------------------------------------- W8A8, group-wise weights
 # ZeroQuant's format: symmetric weights with one scale per group of input columns and
-# dynamic per-token symmetric int8 activations. The existing W8A8 path factors the
+# dynamic per-token symmetric int8 activations. The row-wise W8A8 path factors the
 # weight scale out of the whole row; with group scales each group's integer dot
-# product must be scaled separately, so it gets its own kernels.
-ZQ_INT_MM_MIN_M = 64  # per-group torch._int_mm from this many tokens, else the fused kernel (measured)
-ZQ_ISA: str | None = None  # "vnni" or "avx2" for the fused kernel; None: the best this CPU runs
+# product must be scaled separately, so it gets its own kernels (``_kernels.cpp``).
+# From this many tokens, per fused kernel: quantise the tokens once, then one
+# torch._int_mm per group (None: never). Measured on SmolLM2 shapes (benchmarks/
+# zeroquant.py, an AVX-512 VNNI CPU where oneDNN's _int_mm uses VNNI too): the VNNI
+# fused kernel is as fast as per-group _int_mm at M=512 and faster below; the AVX2
+# one runs at about fp32 GEMM speed, which per-group _int_mm beats from M~32.
+ZQ_INT_MM_MIN_M: dict[str, int | None] = {"avx2": 32, "vnni": None}
 
 
 @dataclass
 class PackedInt8Groups:
     """Runtime layout for group-wise W8A8: ``q`` holds the signed integer weights
-    (``code - 2^(bits-1)``), ``w = q * scale[n, g]`` over groups of ``group_size`` columns."""
+    (``code - 2^(bits-1)``), ``w = q * scale[n, g]`` over groups of ``group_size``
+    columns. With ``isa == "vnni"`` the fused kernel reads ``wv``/``sv`` instead: 8 rows
+    interleaved by 4 columns, ``w + 128`` as bytes (see ``sf_zqv_linear``)."""
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N, G] float32
-    scale_t: torch.Tensor  # [G, N] float32: the same scales, one contiguous row per group (GEMM epilogue)
+    scale_t: torch.Tensor  # [G, N] float32: one contiguous row per group (GEMM epilogue)
     group_size: int
     bits: int
+    isa: str  # "avx2" | "vnni": which fused kernel
+    wv: torch.Tensor | None = None  # [ceil(N/8), K/4, 8, 4] uint8
+    sv: torch.Tensor | None = None  # [ceil(N/8), G, 8] float32
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -368,9 +377,11 @@ class PackedInt8Groups:
         return self.q.numel() + self.scale.numel() * 4
 
 
-def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int = 8) -> PackedInt8Groups:
+def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int = 8,
+                        isa: str | None = None) -> PackedInt8Groups:
     """Repack stored symmetric group-wise codes (``[N, K]`` uint8 in ``0..2^bits-1``,
-    scale ``[N, K/group_size]``) for :func:`w8a8_group_linear`."""
+    scale ``[N, K/group_size]``) for :func:`w8a8_group_linear`. ``isa``: the fused
+    kernel to prepare for (default: the best this CPU runs, see :func:`zq_isa`)."""
     if codes_u8.dim() != 2:
         raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
     if not 2 <= bits <= 8:
@@ -381,9 +392,23 @@ def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size:
     G = K // group_size
     if scale.numel() != N * G:
         raise ValueError(f"expected {N}x{G} group scales, got {tuple(scale.shape)}")
+    isa = zq_isa() if isa is None else isa
+    if isa not in ("avx2", "vnni") or (isa == "vnni" and zq_isa() != "vnni"):
+        raise ValueError(f"instruction set {isa!r} is not available here (best: {zq_isa()})")
+    if group_size % 4:
+        isa = "avx2"  # the VNNI layout takes 4 columns at a time
     q = (codes_u8.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).contiguous()
     s = scale.float().reshape(N, G).contiguous()
-    return PackedInt8Groups(q, s, s.t().contiguous(), int(group_size), bits)
+    packed = PackedInt8Groups(q, s, s.t().contiguous(), int(group_size), bits, isa)
+    if isa == "vnni":
+        rows = -(-N // 8) * 8
+        wu = torch.full((rows, K), 128, dtype=torch.uint8)
+        wu[:N] = (q.to(torch.int16) + 128).to(torch.uint8)
+        packed.wv = wu.reshape(rows // 8, 8, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+        sp = torch.zeros(rows, G)
+        sp[:N] = s
+        packed.sv = sp.reshape(rows // 8, 8, G).permute(0, 2, 1).contiguous()
+    return packed
 
 
 _ZQ_DECLARED = False
@@ -399,32 +424,27 @@ def _zq_lib():
         P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         for name, args in {
             "sf_zq_quant_act": [P, P, P, I64, I64, INT],
-            "sf_zq_linear": [P, P, P, P, P, I64, I64, I64, I64, INT, INT],
-            "sf_zq_has_vnni": [],
+            "sf_zq_linear": [P, P, P, P, P, I64, I64, I64, I64, INT],
+            "sf_zqv_linear": [P, P, P, P, P, I64, I64, I64, I64, INT],
             "sf_zq_accumulate": [P, P, P, P, P, I64, I64, INT, INT, INT],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        lib.sf_zq_has_vnni.restype = INT
+        lib.sf_zq_has_vnni.argtypes, lib.sf_zq_has_vnni.restype = [], INT
         _ZQ_DECLARED = True
     return lib
 
 
 def zq_isa() -> str:
-    """The instruction set the fused group-wise W8A8 kernel runs with: ``vnni``
-    (AVX-512 VNNI, where the CPU has it) or ``avx2``; ``ZQ_ISA`` overrides."""
+    """The best fused group-wise W8A8 kernel this CPU runs: ``vnni`` (AVX-512 VNNI)
+    or ``avx2``."""
     lib = _zq_lib()
-    has_vnni = lib is not None and bool(lib.sf_zq_has_vnni())
-    if ZQ_ISA is None:
-        return "vnni" if has_vnni else "avx2"
-    if ZQ_ISA not in ("vnni", "avx2") or (ZQ_ISA == "vnni" and not has_vnni):
-        raise ValueError(f"ZQ_ISA={ZQ_ISA!r} is not available here (vnni: {has_vnni})")
-    return ZQ_ISA
+    return "vnni" if lib is not None and lib.sf_zq_has_vnni() else "avx2"
 
 
 def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token symmetric int8 codes ``[M, K]`` and scales ``[M]`` of ``x [..., K]``
-    by the kernel's own quantiser (the codes of ``primitives.fake_quantize_activation``)."""
+    by the kernels' own quantiser (the codes of ``primitives.fake_quantize_activation``)."""
     K = x.shape[-1]
     x2 = _prep_x(x, K)
     M = x2.shape[0]
@@ -450,9 +470,15 @@ def w8a8_group_linear(x: torch.Tensor, packed: PackedInt8Groups, bias: torch.Ten
     x2, b = _prep_x(x, K), _prep_bias(bias)
     M, gs = x2.shape[0], packed.group_size
     y = torch.empty(M, N, dtype=torch.float32)
-    if M < ZQ_INT_MM_MIN_M or not _w8a8_group_gemm(lib, x2, packed, b, y):
+    large = ZQ_INT_MM_MIN_M.get(packed.isa)
+    if large is not None and M >= large and _w8a8_group_gemm(lib, x2, packed, b, y):
+        pass
+    elif packed.isa == "vnni":
+        lib.sf_zqv_linear(packed.wv.data_ptr(), packed.sv.data_ptr(), x2.data_ptr(), _ptr(b), y.data_ptr(),
+                          M, N, K, gs, _NUM_THREADS)
+    else:
         lib.sf_zq_linear(packed.q.data_ptr(), packed.scale.data_ptr(), x2.data_ptr(), _ptr(b), y.data_ptr(),
-                         M, N, K, gs, int(zq_isa() == "vnni"), _NUM_THREADS)
+                         M, N, K, gs, _NUM_THREADS)
     return _finish(y, x, N)
 
 
