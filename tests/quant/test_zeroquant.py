@@ -4,7 +4,8 @@
   on the fast kernel equals the model on the reference path (fake-quant + F.linear);
 - group-wise scales beat one scale per row at the same bits (the point of groups),
   and per-token activation scales beat one dynamic scale per tensor;
-- compress → save → load gives identical outputs and ``slimformer generate`` runs;
+- compress → save → load gives identical outputs and ``slimformer generate`` runs on
+  the native engine, whose prefill and decode steps equal the model;
 - bad settings are one-line errors naming the layer or the argument.
 """
 
@@ -27,6 +28,7 @@ from slimformer.quant.modules import QuantLinear
 from slimformer.quant.rtn import RTN
 from slimformer.quant.spec import ActSpec, WeightSpec
 from slimformer.quant.zeroquant import ZeroQuant
+from slimformer.runtime.decoder import NativeDecoder
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,26 @@ def test_compress_save_load_and_generate(tmp_path, capsys):
     code = main(["generate", str(out), "--prompt", "def f", "--max-new-tokens", "5", "--ignore-eos",
                  "--json", str(report)])
     assert code == 0
-    assert len(json.loads(report.read_text())["generations"][0]["token_ids"]) == 5
+    data = json.loads(report.read_text())
+    assert data["engine"] == "native" and len(data["generations"][0]["token_ids"]) == 5
+
+
+@pytest.mark.parametrize("group_size", [16, 32])   # 16: the decode kernel's remainder path
+def test_native_decoder_equals_the_model(group_size):
+    """Prefill (the kernels' group-wise W8A8) and each cached decode step (the native
+    decoder's own Q8A8G rows) give the model's logits."""
+    model = tiny_model("llama")
+    run_transforms(model, [ZeroQuant(group_size=group_size)], progress=False)
+    decoder = NativeDecoder.from_model(model)
+    assert decoder.describe()["layers"] == ["w8a8-group"]
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(decoder.forward_logits(ids), reference, atol=1e-4, rtol=0)
+    session = decoder.new_session(1, 32)
+    torch.testing.assert_close(decoder.prefill(session, [ids[:9]])[0], reference[8], atol=1e-4, rtol=0)
+    for t in range(9, 24):
+        torch.testing.assert_close(decoder.decode(session, [ids[t]])[0], reference[t], atol=1e-4, rtol=0)
 
 
 def test_group_size_not_dividing_a_layer_names_it():

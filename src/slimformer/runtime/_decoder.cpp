@@ -15,6 +15,9 @@
 //          (GGUF's own Q4 block order; our int2-4 and GGUF Q4_0 / Q4_1)
 //   Q8A8 : int8 weights per channel, x quantised per token to int8 (dynamic, symmetric),
 //          exact int32 dot: y = sx * s[n] * (dot(qx, q) + corr[n] * sum(qx)).
+//   Q8A8G: int8 signed weights with a scale per group of gs columns (ZeroQuant), x
+//          quantised per token as Q8A8: y = sx * sum_g s[n,g] * dot_g(qx, q), each
+//          group's dot an exact int32 (the same arithmetic as kernels.w8a8_group_linear).
 //
 // Activations for Q8/Q4 (SfModel.act8):
 //   0: fp32 — y equals x @ dequant(W)^T up to float summation order (the reference);
@@ -27,7 +30,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { F32 = 0, Q8 = 1, Q4 = 2, Q8A8 = 3 };
+enum { F32 = 0, Q8 = 1, Q4 = 2, Q8A8 = 3, Q8A8G = 4 };
 
 struct SfLinear {
     int32_t kind, N, K, gs;
@@ -319,6 +322,63 @@ static inline void rows_dispatch(const SfScratch& S, const SfLinear& L, bool a8,
     }
 }
 
+// Q8A8G: one weight row (int8, any value) against MT (<= 4) tokens quantised to
+// -127..127, so maddubs(|w|, sign(x, w)) pairs fit int16. Per group the int32 lane
+// partials are exact; they are converted and scaled once per group, summed at the end.
+template <int MT>
+static inline void row_q8a8g(const int8_t* r, Scales sc, int K, int gs, const int8_t* qx, float* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[MT];
+    float tail[MT];
+    for (int t = 0; t < MT; ++t) { f[t] = _mm256_setzero_ps(); tail[t] = 0.f; }
+    for (int g = 0; g < K / gs; ++g) {
+        const int8_t* wg = r + g * gs;
+        __m256i acc[MT];
+        for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+        int k = 0;
+        for (; k + 32 <= gs; k += 32) {
+            __m256i w = _mm256_loadu_si256((const __m256i*)(wg + k));
+            __m256i aw = _mm256_abs_epi8(w);
+            for (int t = 0; t < MT; ++t) {
+                __m256i x8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(qx + t * K + g * gs + k)), w);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x8), ones));
+            }
+        }
+        const float s = sc[g];
+        for (int t = 0; t < MT; ++t) f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(s), f[t]);
+        if (k < gs) {   // group sizes that are not multiples of 32: exact scalar remainder
+            for (int t = 0; t < MT; ++t) {
+                int32_t rem = 0;
+                for (int kk = k; kk < gs; ++kk) rem += (int32_t)wg[kk] * (int32_t)qx[t * K + g * gs + kk];
+                tail[t] += s * (float)rem;
+            }
+        }
+    }
+    for (int t = 0; t < MT; ++t) out[t] = hsum8(f[t]) + tail[t];
+}
+
+// Per-token dynamic symmetric int8 (same IEEE operations as
+// primitives.fake_quantize_activation); a token with NaN/Inf gets scale NaN, as there.
+// Codes are clamped to -127 (the reference's -128 is unreachable: |x| / s <= 127).
+static void quant_tokens(const float* x, int M, int K, int8_t* qx, float* sx) {
+    for (int t = 0; t < M; ++t) {
+        const float* xt = x + (int64_t)t * K;
+        float amax = 0.f;
+        bool bad = false;
+        for (int k = 0; k < K; ++k) {
+            float a = fabsf(xt[k]);
+            bad |= !(a <= 3.402823466e38f);
+            amax = fmaxf(amax, a);
+        }
+        float s = fmaxf(amax / 127.f, 1e-12f);
+        for (int k = 0; k < K; ++k) {
+            float q = bad ? 0.f : fminf(fmaxf(rintf(xt[k] / s), -127.f), 127.f);
+            qx[(int64_t)t * K + k] = (int8_t)q;
+        }
+        sx[t] = bad ? NAN : s;
+    }
+}
+
 // y[M, N] = x[M, K] W^T + bias (accumulate: y += ...). Called by every thread of the
 // enclosing parallel region (orphaned worksharing): each prepares x in its own scratch,
 // the rows are split between threads, and the closing barrier makes y complete.
@@ -350,6 +410,32 @@ static void linear(const SfModel& m, const SfLinear& L, const float* x, int M, f
                 float v = (float)acc * (S.sx[t] * ((const float*)L.scale)[n]);
                 if (L.bias) v += L.bias[n];
                 y[(int64_t)t * N + n] = accumulate ? y[(int64_t)t * N + n] + v : v;
+            }
+        }
+        return;
+    }
+    if (L.kind == Q8A8G) {
+        quant_tokens(x, M, K, S.qx, S.sx);
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; ++n) {
+            const int8_t* r = (const int8_t*)L.w + (int64_t)n * K;
+            const Scales sc = Scales{L.scale, L.half != 0}.row((int64_t)n * G);
+            float out[4];
+            for (int t0 = 0; t0 < M; t0 += 4) {
+                const int8_t* qx = S.qx + (int64_t)t0 * K;
+                const int mt = M - t0 < 4 ? M - t0 : 4;
+                switch (mt) {
+                    case 1: row_q8a8g<1>(r, sc, K, gs, qx, out); break;
+                    case 2: row_q8a8g<2>(r, sc, K, gs, qx, out); break;
+                    case 3: row_q8a8g<3>(r, sc, K, gs, qx, out); break;
+                    default: row_q8a8g<4>(r, sc, K, gs, qx, out); break;
+                }
+                for (int t = 0; t < mt; ++t) {
+                    float v = out[t] * S.sx[t0 + t];
+                    if (L.bias) v += L.bias[n];
+                    float* dst = y + (int64_t)(t0 + t) * N + n;
+                    *dst = accumulate ? *dst + v : v;
+                }
             }
         }
         return;

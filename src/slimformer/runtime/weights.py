@@ -9,7 +9,7 @@ fp32, so the dequantised values are bit-identical to the reference dequantisatio
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer.quant.modules import QuantLinear
+from slimformer.quant.spec import ActSpec
 
-F32, Q8, Q4, Q8A8 = 0, 1, 2, 3
-KIND_NAMES = {F32: "fp32", Q8: "int8", Q4: "int4", Q8A8: "w8a8"}
+F32, Q8, Q4, Q8A8, Q8A8G = 0, 1, 2, 3, 4
+KIND_NAMES = {F32: "fp32", Q8: "int8", Q4: "int4", Q8A8: "w8a8", Q8A8G: "w8a8-group"}
 
 
 class UnsupportedFormat(Exception):
@@ -35,12 +36,15 @@ class RtLinear:
     N: int
     K: int
     gs: int
-    w: torch.Tensor  # F32 [N,K] float32 | Q8/Q8A8 [N,K] int8 | Q4 [N,K/2] uint8
+    w: torch.Tensor  # F32 [N,K] float32 | Q8/Q8A8/Q8A8G [N,K] int8 | Q4 [N,K/2] uint8
     scale: torch.Tensor | None = None  # [N, K/gs] float32 or float16 (Q8A8: [N] float32)
     minv: torch.Tensor | None = None  # [N, K/gs], the dtype of scale
     bias: torch.Tensor | None = None  # [N] float32
     corr: torch.Tensor | None = None  # Q8A8 [N] int32: w = (q + corr) * scale
     zero: torch.Tensor | None = None  # [N, K/gs] uint8 zero-points: offset = -zero * scale (instead of minv)
+    # Q8A8G (ZeroQuant: group-wise weights, dynamic per-token int8 activations): the
+    # layout slimformer.kernels uses for many tokens (prefill), built on first use
+    packed: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def groups(self) -> int:
@@ -117,6 +121,9 @@ def from_module(name: str, module: nn.Module) -> RtLinear:
     raise UnsupportedFormat(f"layer {name} is a {type(module).__name__}, not a Linear or QuantLinear")
 
 
+_TOKEN_A8 = ActSpec(8, True, "token", True)
+
+
 def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
     spec, act = module.weight_spec, module.act_spec
     N, K = module.out_features, module.in_features
@@ -128,6 +135,10 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
     offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
     zero = module.zero.float().reshape(-1, G).expand(N, G) if module.zero.numel() else torch.zeros(N, G)
     zo = zero + offset  # w = (code - zo) * scale
+    if act is not None and G > 1 and spec.symmetric and act == _TOKEN_A8:
+        # ZeroQuant: signed integer weights (exact in int8 for symmetric codes), group scales
+        q = (codes.to(torch.int16) - offset).to(torch.int8).contiguous()
+        return RtLinear(name, Q8A8G, N, K, gs, q, _maybe_half(scale, None)[0], bias=bias)
     if act is not None:
         if not (act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token" and G == 1):
             raise UnsupportedFormat(f"layer {name}: no decode kernel for activations {act} with {spec.describe()} weights")
@@ -239,6 +250,8 @@ def dense_matmul(x: torch.Tensor, lin: RtLinear, dequant_rows=None, tile_bytes: 
         return F.linear(x, lin.w, lin.bias)
     if lin.kind == Q8A8:
         return _w8a8_matmul(x, lin)
+    if lin.kind == Q8A8G:
+        return _w8a8_group_matmul(x, lin)
     rows = max(64, (tile_bytes // (4 * lin.K)) // 64 * 64)
     fill = dequant_rows or (lambda l, n0, n1, out: out.copy_(_dequant_slice(l, n0, n1)))
     if rows >= lin.N:
@@ -272,3 +285,14 @@ def _w8a8_matmul(x: torch.Tensor, lin: RtLinear) -> torch.Tensor:
     acc = acc + lin.corr[None, :] * q.sum(-1, keepdim=True)
     y = acc.float() * (sx * lin.scale[None, :])
     return y if lin.bias is None else y + lin.bias
+
+
+def _w8a8_group_matmul(x: torch.Tensor, lin: RtLinear) -> torch.Tensor:
+    """Q8A8G for many tokens: the group-wise W8A8 kernel of slimformer.kernels, the
+    same quantisation and integer sums as the decode step."""
+    from slimformer import kernels
+
+    if lin.packed is None:
+        codes = (lin.w.to(torch.int16) + 128).to(torch.uint8)
+        lin.packed = kernels.prepare_w8a8_groups(codes, lin.scale.float(), lin.gs, bits=8)
+    return kernels.w8a8_group_linear(x, lin.packed, lin.bias)
