@@ -10,10 +10,14 @@ the median per variant), 2 threads:
   fp32         F.linear on the fp32 weight;
   unfused      what torch alone does for this format: fake-quantise x per token,
                dequantise the weight, F.linear (QuantLinear.forward_reference);
-  zeroquant    QuantLinear.forward: kernels.w8a8_group_linear with its own dispatch
-               (the fused kernel, or per-group torch._int_mm from ZQ_INT_MM_MIN_M tokens);
-  fused-<isa>  the fused kernel forced, per instruction set this CPU has (avx2, vnni);
-  int_mm       tokens quantised once, one torch._int_mm per group, our epilogue.
+  zeroquant    QuantLinear.forward, i.e. kernels.w8a8_group_linear with its own dispatch
+               (the best fused kernel, or per-group torch._int_mm from ZQ_INT_MM_MIN_M tokens);
+  fused-<isa>  the fused kernel (tokens quantised in its input pass) forced, per
+               instruction set this CPU has (avx2, vnni);
+  int_mm       the large-M alternative: tokens quantised once by our kernel, one
+               torch._int_mm per group, our epilogue applies group and token scales.
+
+The numbers decide kernels.ZQ_INT_MM_MIN_M (when per-group _int_mm replaces the fused kernel).
 
 Also the error of each layer's output against fp32 (relative Frobenius) and the
 difference between the kernel and the unfused reference (they compute the same
@@ -71,7 +75,7 @@ def variants(layer: QuantLinear, weight: torch.Tensor) -> dict:
         "zeroquant": layer.forward,
     }
     out.update({f"fused-{isa}": forced(isa, None) for isa in isas})
-    out["int_mm"] = forced(K.zq_isa(), 1)
+    out["int_mm"] = forced("avx2", 1)  # the layout with row-major q, which per-group _int_mm reads
     return out
 
 

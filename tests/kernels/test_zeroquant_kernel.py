@@ -29,7 +29,7 @@ TOKEN_A8 = ActSpec(8, True, "token", True)
 
 
 ISAS = ["avx2", "vnni"] if K.zq_isa() == "vnni" else ["avx2"]
-PATHS = [(isa, "fused") for isa in ISAS] + [(K.zq_isa(), "int_mm")]
+PATHS = [(isa, "fused") for isa in ISAS] + [("avx2", "int_mm")] + ([("vnni", "int_mm")] if "vnni" in ISAS else [])
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -136,7 +136,8 @@ def test_zero_tokens_give_bias_and_nan_tokens_give_nan_rows(path):
 def test_lower_bit_symmetric_weights(path, bits):
     layer = _layer(65, 192, 64, bits=bits)
     packed = K.prepare_w8a8_groups(layer.codes(), layer.scale, 64, bits=bits, isa=path)
-    assert torch.equal(packed.codes(), layer.codes())
+    assert torch.equal(packed.codes(), layer.codes())  # VNNI: the interleaved layout, read back
+    assert (packed.q is None) == (path == "vnni")       # one copy of the weights
     for m in (1, 9, 70):
         x = _tokens(m, 192)
         assert _rel(K.w8a8_group_linear(x, packed, layer.bias), layer.forward_reference(x)) <= 1e-5

@@ -348,33 +348,43 @@ ZQ_INT_MM_MIN_M: dict[str, int | None] = {"avx2": 32, "vnni": None}
 
 @dataclass
 class PackedInt8Groups:
-    """Runtime layout for group-wise W8A8: ``q`` holds the signed integer weights
-    (``code - 2^(bits-1)``), ``w = q * scale[n, g]`` over groups of ``group_size``
-    columns. With ``isa == "vnni"`` the fused kernel reads ``wv``/``sv`` instead: 8 rows
-    interleaved by 4 columns, ``w + 128`` as bytes (see ``sf_zqv_linear``)."""
+    """Runtime layout for group-wise W8A8: signed integer weights ``q = code - 2^(bits-1)``,
+    ``w = q * scale[n, g]`` over groups of ``group_size`` columns. The AVX2 kernel and
+    per-group _int_mm read ``q [N, K]``; the VNNI kernel reads ``wv``/``sv`` instead
+    (8 rows interleaved by 4 columns, ``w + 128`` as bytes; see ``sf_zqv_linear``), and
+    then ``q`` is not kept (one copy of the weights)."""
 
-    q: torch.Tensor  # [N, K] int8
+    N: int
+    K: int
     scale: torch.Tensor  # [N, G] float32
     scale_t: torch.Tensor  # [G, N] float32: one contiguous row per group (GEMM epilogue)
     group_size: int
     bits: int
     isa: str  # "avx2" | "vnni": which fused kernel
-    wv: torch.Tensor | None = None  # [ceil(N/8), K/4, 8, 4] uint8
-    sv: torch.Tensor | None = None  # [ceil(N/8), G, 8] float32
+    q: torch.Tensor | None = None  # [N, K] int8 (avx2)
+    wv: torch.Tensor | None = None  # [ceil(N/8), K/4, 8, 4] uint8 (vnni)
+    sv: torch.Tensor | None = None  # [ceil(N/8), G, 8] float32 (vnni)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return (self.N, self.K)
+
+    def signed_weights(self) -> torch.Tensor:
+        """``q [N, K]`` int8 (rebuilt from the VNNI layout when not kept)."""
+        if self.q is not None:
+            return self.q
+        rows = self.wv.permute(0, 2, 1, 3).reshape(-1, self.K)[: self.N]
+        return (rows.to(torch.int16) - 128).to(torch.int8)
 
     def codes(self) -> torch.Tensor:
-        return (self.q.to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
+        return (self.signed_weights().to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
 
     def dequantize(self) -> torch.Tensor:
-        N, K = self.shape
-        return (self.q.float().reshape(N, -1, self.group_size) * self.scale[..., None]).reshape(N, K)
+        q = self.signed_weights().float().reshape(self.N, -1, self.group_size)
+        return (q * self.scale[..., None]).reshape(self.N, self.K)
 
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4
+        return self.N * self.K + self.scale.numel() * 4
 
 
 def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int = 8,
@@ -399,8 +409,10 @@ def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size:
         isa = "avx2"  # the VNNI layout takes 4 columns at a time
     q = (codes_u8.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).contiguous()
     s = scale.float().reshape(N, G).contiguous()
-    packed = PackedInt8Groups(q, s, s.t().contiguous(), int(group_size), bits, isa)
-    if isa == "vnni":
+    packed = PackedInt8Groups(N, K, s, s.t().contiguous(), int(group_size), bits, isa)
+    if isa == "avx2":
+        packed.q = q
+    else:
         rows = -(-N // 8) * 8
         wu = torch.full((rows, K), 128, dtype=torch.uint8)
         wu[:N] = (q.to(torch.int16) + 128).to(torch.uint8)
@@ -493,11 +505,11 @@ def _w8a8_group_gemm(lib, x2: torch.Tensor, packed: PackedInt8Groups, b, y: torc
     sx = torch.empty(M, dtype=torch.float32)
     lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, _NUM_THREADS)
     acc = torch.empty(M, N, dtype=torch.int32)
-    G = K // gs
+    G, qw = K // gs, packed.signed_weights()
     for g in range(G):
         cols = slice(g * gs, (g + 1) * gs)
         try:
-            torch._int_mm(qx[:, cols], packed.q[:, cols].t(), out=acc)
+            torch._int_mm(qx[:, cols], qw[:, cols].t(), out=acc)
         except (RuntimeError, AttributeError, NotImplementedError):
             _INT_MM_OK = False
             return False
@@ -512,7 +524,7 @@ def _w8a8_group_fallback(x, packed: PackedInt8Groups, bias) -> torch.Tensor:
     gs = packed.group_size
     # exact integer dot product per group (float64 holds them exactly), then the scales
     per_group = torch.einsum("mgk,ngk->mng", q.double().reshape(-1, K // gs, gs),
-                             packed.q.double().reshape(N, K // gs, gs))
+                             packed.signed_weights().double().reshape(N, K // gs, gs))
     y = (per_group * packed.scale.double()[None]).sum(-1).float() * sx
     if bias is not None:
         y = y + bias.float()
