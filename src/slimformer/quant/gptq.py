@@ -330,7 +330,7 @@ def gptq_quantize(weight: torch.Tensor, prepared: PreparedHessian, spec: WeightS
 def _write_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Overwrite a Linear's (or GPT-2 Conv1D's, stored transposed) weight in place."""
     with torch.no_grad():
-        target = module.weight if isinstance(module, nn.Linear) else module.weight.T
+        target = linear_weight(module)   # [out, in] view: Linear, Conv1D, or a SmoothQuant input wrapper's layer
         target.copy_(weight.to(target.dtype))
 
 

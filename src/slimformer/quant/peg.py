@@ -1,0 +1,239 @@
+"""PEG (Bondarenko 2021): per-embedding-group static activation quantisation.
+
+The input dimensions of each target Linear are split into K equal groups, each with
+one static scale and zero-point calibrated from the min/max of its dimensions. With
+``permute`` the groups come from a range-based permutation: dimensions sorted by their
+calibrated range, so the few outlier dimensions share a group instead of stretching the
+grid of every other dimension. The permutation is stored as a per-dimension group
+index, so nothing is reordered at run time. Weights: round to nearest, 8 bits per
+output channel, packed as QuantLinear packs them.
+
+``PEGLinear`` is also the layer of mixed 16/8-bit activations (one group, 8 or 16 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimformer.core.transform import BlockContext, Needs, Transform, register, register_module_type
+from slimformer.errors import QuantConfigError
+from slimformer.models.surgery import linear_weight, set_module
+from slimformer.quant import packing
+from slimformer.quant.primitives import choose_qparams, dequantize_weight, fake_quantize_activation, quantize_weight
+from slimformer.quant.spec import WeightSpec, _IntegerGrid
+
+
+W8_PER_CHANNEL = WeightSpec(8, True, "channel")
+
+
+def float_weight(module: nn.Module, path: str) -> torch.Tensor:
+    """The ``[out, in]`` weight of a float projection; a one-line error naming the layer
+    when an earlier stage already quantised it."""
+    try:
+        return linear_weight(module)
+    except TypeError:
+        raise QuantConfigError(f"{path}: needs a float layer, found {type(module).__name__} "
+                               "(an earlier stage already quantised it)") from None
+
+
+@dataclass(frozen=True)
+class ActGrid(_IntegerGrid):
+    """The integer grid of statically quantised activations: 2 to 16 bits (ActSpec stops
+    at 8; mixed precision keeps some activations on the int16 grid)."""
+
+    bits: int = 8
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
+            raise QuantConfigError(f"activation bits must be from 2 to 16, got {self.bits!r}")
+
+
+def static_group_params(lo: torch.Tensor, hi: torch.Tensor, grid: ActGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero-point covering each observed range ``[lo_g, hi_g]``
+    (``[K]`` each; the grid always holds 0). Same arithmetic as RTN's per-tensor
+    ``static_act_params``, one row per group."""
+    observed = torch.stack([lo.float().clamp_max(0), hi.float().clamp_min(0)], dim=-1)
+    if grid.symmetric:
+        observed = observed.abs()
+    return choose_qparams(observed, grid.bits, grid.symmetric)
+
+
+def group_assignment(lo: torch.Tensor, hi: torch.Tensor, groups: int, permute: bool, symmetric: bool) -> torch.Tensor:
+    """The group of each input dimension: contiguous blocks of ``in/groups`` dimensions,
+    or, with ``permute``, blocks of the dimensions sorted by calibrated range (what sets
+    the scale: max |x| when symmetric, max − min otherwise)."""
+    n = lo.numel()
+    rank_to_group = torch.arange(n) // (n // groups)
+    if not permute:
+        return rank_to_group
+    spread = torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo
+    order = torch.argsort(spread.float(), stable=True)
+    group = torch.empty(n, dtype=torch.long)
+    group[order] = rank_to_group
+    return group
+
+
+@register_module_type
+class PEGLinear(nn.Module):
+    """``y = act_q(x) @ dequant(W)ᵀ + b`` where the input is quantised with static
+    parameters shared by groups of its dimensions.
+
+    Buffers (what is saved): ``qweight`` (uint8 packed), ``scale`` (float16, one per row),
+    ``zero`` (uint8, asymmetric weights only), ``bias``, ``act_group`` (int16: the group
+    of each input dimension), ``act_scale``/``act_zero`` (float32, one per group).
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, act_grid: ActGrid,
+                 weight_spec: WeightSpec = W8_PER_CHANNEL, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if weight_spec.granularity != "channel":
+            raise QuantConfigError("PEGLinear weights are quantised per output channel")
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.act_grid, self.weight_spec = act_grid, weight_spec
+        numel = in_features * out_features
+        self.register_buffer("qweight", torch.zeros(packing.packed_nbytes(numel, weight_spec.bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, 1, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros((0,) if weight_spec.symmetric else (out_features, 1), dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("act_group", torch.zeros(in_features, dtype=torch.int16))
+        self.register_buffer("act_scale", torch.ones(groups))
+        self.register_buffer("act_zero", torch.zeros(groups))
+        self.compute_dtype = dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_of: torch.Tensor,
+                   lo: torch.Tensor, hi: torch.Tensor, act_grid: ActGrid,
+                   weight_spec: WeightSpec = W8_PER_CHANNEL) -> "PEGLinear":
+        """From an ``[out, in]`` weight, the group of each input dimension and the
+        calibrated per-dimension input range ``lo``/``hi``."""
+        out_features, in_features = weight.shape
+        groups = int(group_of.max()) + 1
+        module = cls(in_features, out_features, groups, act_grid, weight_spec, bias is not None, weight.dtype)
+        codes, scale, zero = quantize_weight(weight, weight_spec)
+        module.qweight = packing.pack(codes, weight_spec.bits)
+        module.scale = scale.to(torch.float16).contiguous()
+        if not weight_spec.symmetric:
+            module.zero = zero.to(torch.uint8).contiguous()
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        group_lo = torch.full((groups,), float("inf")).scatter_reduce(0, group_of, lo.float(), "amin")
+        group_hi = torch.full((groups,), float("-inf")).scatter_reduce(0, group_of, hi.float(), "amax")
+        module.act_scale, module.act_zero = static_group_params(group_lo, group_hi, act_grid)
+        module.act_group = group_of.to(torch.int16)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        numel = self.in_features * self.out_features
+        shape = torch.Size((self.out_features, self.in_features))
+        codes = packing.unpack(self.qweight, self.weight_spec.bits, numel).reshape(shape)
+        return dequantize_weight(codes, self.scale, self.zero, self.weight_spec, shape).to(self.compute_dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.act_group.long()
+        return fake_quantize_activation(x, self.act_grid, self.act_scale[group], self.act_zero[group])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, {self.weight_spec.describe()}, "
+                f"a{self.act_grid.bits}-static, groups={self.groups}")
+
+    def config(self) -> dict:
+        return {
+            "type": "PEGLinear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "weight": self.weight_spec.to_dict(),
+            "act": self.act_grid.to_dict(),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "PEGLinear":
+        return cls(cfg["in_features"], cfg["out_features"], cfg["groups"], ActGrid(**cfg["act"]),
+                   WeightSpec(**cfg["weight"]), cfg["bias"], dtype)
+
+
+class InputRangeObserver:
+    """Running per-dimension min/max of the inputs of some Linears (forward pre-hooks)."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def observe(_module, args):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            lo, hi = x.amin(0), x.amax(0)
+            self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
+            self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)
+        return observe
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+@register
+@dataclass(frozen=True)
+class PEG(Transform):
+    """Per-embedding-group activation quantisation (``bits``, static, ``groups`` groups
+    of input dimensions, range-sorted when ``permute``) with 8-bit per-channel weights."""
+
+    groups: int = 6
+    permute: bool = True
+    bits: int = 8                 # activation bits
+    act_symmetric: bool = True
+    weight_bits: int = 8
+    needs = Needs.CALIBRATION
+
+    def __post_init__(self):
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise QuantConfigError(f"groups must be a positive integer, got {self.groups!r}")
+        self.act_grid()
+        self.weight_spec()
+
+    def act_grid(self) -> ActGrid:
+        if self.bits > 8:
+            raise QuantConfigError(f"PEG activation bits must be from 2 to 8, got {self.bits}")
+        return ActGrid(self.bits, self.act_symmetric)
+
+    def weight_spec(self) -> WeightSpec:
+        return WeightSpec(self.weight_bits, True, "channel")
+
+    def plan_model(self, model, adapter, calib, plan) -> None:
+        """Refuse, before any block changes, a group count that does not divide a layer."""
+        for index, block in enumerate(adapter.get_blocks(model)):
+            for name in self.targets.select(adapter.linears, index):
+                in_features = float_weight(block.get_submodule(name), f"{adapter.blocks}.{index}.{name}").shape[1]
+                if in_features % self.groups:
+                    raise QuantConfigError(
+                        f"{adapter.blocks}.{index}.{name}: PEG groups {self.groups} does not divide "
+                        f"its {in_features} input dimensions")
+
+    def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
+        ctx.state["observer"] = InputRangeObserver(self.target_linears(block, ctx))
+
+    def convert(self, block: nn.Module, ctx: BlockContext) -> None:
+        observer: InputRangeObserver = ctx.state.pop("observer")
+        observer.remove()
+        grid, wspec = self.act_grid(), self.weight_spec()
+        for name, module in self.target_linears(block, ctx).items():
+            lo, hi = observer.lo[name], observer.hi[name]
+            group_of = group_assignment(lo, hi, self.groups, self.permute, grid.symmetric)
+            weight = float_weight(module, f"{ctx.prefix}.{name}")
+            layer = PEGLinear.from_float(weight, module.bias, group_of, lo, hi, grid, wspec)
+            # How much the widest group's grid is coarser than the narrowest one's.
+            ctx.report(name, peg_scale_ratio=round(float(layer.act_scale.max() / layer.act_scale.min()), 3))
+            set_module(block, name, layer)
