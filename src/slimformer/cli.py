@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from slimformer.errors import SlimformerError
@@ -379,9 +380,16 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for the user (too little calibration data, a layer falling back)
+    read as one line, like errors, not as a source location and a code excerpt."""
+    return f"slimformer: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return run(args)
     except SlimformerError as exc:

@@ -245,3 +245,34 @@ def test_w8a8_activations_quantised_as_the_saved_layer_does(dynamic):
     with torch.no_grad():
         out = model.model.layers[0](inputs[0], **kwargs)
     torch.testing.assert_close(seen[0], out[0] if isinstance(out, tuple) else out, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys):
+    model, tok = tiny_model("llama", seed=1), tiny_tokenizer()
+    src = tmp_path / "tiny"
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 3] = float("inf")
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 400)
+    common = ["--quiet", "compress", str(src), "--calib", str(text), "--calib-samples", "2", "--seqlen", "16"]
+    assert main([*common, "--recipe", "gptq-w4-g64", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # (above it: transformers' save progress)
+    assert err == "slimformer: error: model.layers.1.self_attn.o_proj: the weight contains NaN or Inf"
+    assert not (tmp_path / "a").exists()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 3] = 0.0
+    model.save_pretrained(src)
+    recipe = tmp_path / "g48.yaml"
+    recipe.write_text("stages:\n  - GPTQ: {bits: 4, granularity: group, group_size: 48}\n")
+    assert main([*common, "--recipe", str(recipe), "--out", str(tmp_path / "b")]) == 2
+    assert "model.layers.0.self_attn.q_proj: group_size 48 does not divide" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # 2 × 16 calibration tokens for 64 inputs: a warning on one line, and the model is written
+    with pytest.warns(GPTQWarning, match=r"model.layers.0.self_attn.q_proj .*rank-deficient"):
+        assert main([*common, "--recipe", "gptq-w4-g64", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "slimformer.json").exists()
+    import warnings   # the CLI shows warnings as one line, like its errors
+
+    assert warnings.formatwarning("too few tokens", GPTQWarning, "gptq.py", 1) == "slimformer: warning: too few tokens\n"
