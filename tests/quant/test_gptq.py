@@ -276,3 +276,11 @@ def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys):
     import warnings   # the CLI shows warnings as one line, like its errors
 
     assert warnings.formatwarning("too few tokens", GPTQWarning, "gptq.py", 1) == "slimformer: warning: too few tokens\n"
+
+
+def test_per_tensor_scales_stay_per_layer_when_layers_share_an_input():
+    model = tiny_model("llama")
+    run_transforms(model, [GPTQ(bits=4, granularity="tensor")], calib=_calib(), progress=False)
+    attn = model.model.layers[0].self_attn
+    scales = [getattr(attn, p).scale.item() for p in ("q_proj", "k_proj", "v_proj")]
+    assert len(set(scales)) == 3   # one range per layer, not one over the stacked q|k|v

@@ -155,19 +155,22 @@ class GPTQ(Transform):
         """GPTQ every layer of ``names`` against their shared Hessian; put the dequantised
         weights in place (the running forward continues with them) and keep the codes."""
         label = f"{ctx.prefix}.{names[0]}" + (f" (+{len(names) - 1} sharing its input)" if len(names) > 1 else "")
-        if tokens < hessian.shape[0]:
+        if tokens < hessian.shape[0] and not ctx.plan.get("gptq_warned_few_tokens"):
+            ctx.plan["gptq_warned_few_tokens"] = True   # once per run, not once per layer
             warnings.warn(f"{label}: {tokens} calibration tokens for {hessian.shape[0]} inputs: the Hessian is "
                           "rank-deficient, GPTQ leans on dampening (use more calibration data)", GPTQWarning,
                           stacklevel=2)
         prepared = prepare_hessian(hessian, self.act_order, self.dampening, label)
         if prepared.dampening != self.dampening:
             ctx.report(names[0], gptq_dampening=prepared.dampening)
-        by_spec: dict[WeightSpec, list[str]] = {}
+        # Layers of one format are quantised together (stacked rows); per-tensor scales
+        # stay per layer.
+        by_format: dict[tuple, list[str]] = {}
         for name in names:
-            bits = planned_bits(ctx, name, self.bits, self.weight_spec())
-            by_spec.setdefault(self.weight_spec(bits), []).append(name)
+            spec = self.weight_spec(planned_bits(ctx, name, self.bits, self.weight_spec()))
+            by_format.setdefault((spec, name if spec.granularity == "tensor" else None), []).append(name)
         results = {}
-        for spec, members in by_spec.items():
+        for (spec, _), members in by_format.items():
             weights = [linear_weight(block.get_submodule(n)).detach().float() for n in members]
             try:
                 codes, scale, zero = gptq_quantize(torch.cat(weights), prepared, spec, self.block_size,
