@@ -203,10 +203,29 @@ def ptq_minilm_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def zeroquant_table(payload: dict) -> str:
+    machine = payload["machine"]
+    lines = [
+        f"ZeroQuant's fused kernel, one SmolLM2 decoder layer's projections summed (`benchmarks/zeroquant.py` → "
+        f"`benchmarks/results/zeroquant.json`, {payload['date']}; {machine['threads']} threads, kernel ISA "
+        f"{machine['zeroquant_isa']}; {payload['protocol']['weights']}, activations {payload['protocol']['activations']}; "
+        "round-robin medians). \"unfused\" is the same arithmetic as separate torch steps (quantise the tokens, "
+        "dequantise the weight, `F.linear`).",
+        "",
+        "| tokens | fp32 µs | unfused µs | fused µs | fused vs fp32 | fused vs unfused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, sums in payload["one_smollm2_decoder_layer"].items():
+        fp32, unfused, fused = (sums[k]["sum_us"] for k in ("fp32", "unfused", "zeroquant"))
+        lines.append(f"| {m.removeprefix('M=')} | {fp32:.0f} | {unfused:.0f} | {fused:.0f} | "
+                     f"{fp32 / fused:.2f}× | {unfused / fused:.1f}× |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
-          "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table}
+          "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table}
 
 
 def render() -> str:
