@@ -113,10 +113,9 @@ def _generate_check(path: Path) -> dict:
     return {"engine": gen.engine_name, "text": out.text, "why_not_native": fallback[0] if fallback else None}
 
 
-def run_decoder(args, rows_wanted) -> list[dict]:
+def run_decoder(args, rows_wanted, save) -> None:
     model, tokenizer = slimformer.load("smollm2-135m")
     test = eval_windows(tokenize(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")), tokenizer), 512, args.windows)
-    out = []
     for name, recipe, purpose in SMOLLM2_ROWS:
         if name not in rows_wanted:
             continue
@@ -139,17 +138,15 @@ def run_decoder(args, rows_wanted) -> list[dict]:
                 del result
                 row["generate"] = _generate_check(saved)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-        out.append(row)
-    return out
+        save(row)
 
 
-def run_encoder(args, rows_wanted) -> list[dict]:
+def run_encoder(args, rows_wanted, save) -> None:
     from slimformer.eval.embeddings import embedding_cosine, encode, stsb_spearman
 
     model, tokenizer = slimformer.load("minilm-l6")
     sentences = held_out_sentences(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")).text)
     reference = encode(model, tokenizer, sentences)
-    out = []
     for name, recipe, purpose in MINILM_ROWS:
         if name not in rows_wanted:
             continue
@@ -168,8 +165,7 @@ def run_encoder(args, rows_wanted) -> list[dict]:
         if (SHARED / "stsb").is_dir():
             row["stsb"] = stsb_spearman(candidate, tokenizer, SHARED)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-        out.append(row)
-    return out
+        save(row)
 
 
 def main() -> None:
@@ -187,28 +183,31 @@ def main() -> None:
     unknown = set(wanted) - {r[0] for r in table}
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
-    rows = run_decoder(args, wanted) if decoder else run_encoder(args, wanted)
-
     path = RESULTS / ("ptq_smollm2.json" if decoder else "ptq_minilm.json")
-    payload = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    merged = {r["name"]: r for r in payload["rows"]}
-    merged.update({r["name"]: {**r, "date": time.strftime("%Y-%m-%d %H:%M")} for r in rows})
     order = [r[0] for r in table]
-    payload.update({
-        "benchmark": path.stem,
-        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32)" if decoder
-        else "minilm-l6 (all-MiniLM-L6-v2, fp32 safetensors)",
-        "protocol": ({"seqlen": 512, "wikitext2_windows": args.windows, "agreement_windows": args.agreement_windows,
-                      "calibration": f"{args.calib_samples} x 512 tokens of wiki.valid.tokens", "threads": 2,
-                      "quantised": "decoder block linears; tied embedding / LM head fp32",
-                      "anchor": ANCHOR} if decoder else
-                     {"sentences": "256 held-out lines of wiki.test.raw", "stsb": "test split",
-                      "calibration": f"{args.calib_samples} x 128 tokens of wiki.valid.tokens", "threads": 2}),
-        "versions": library_versions(),
-        "rows": sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    def save(row: dict) -> None:
+        """Merge one finished row into the results file (so a long run can stop and resume)."""
+        payload = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        merged = {r["name"]: r for r in payload["rows"]}
+        merged[row["name"]] = {**row, "date": time.strftime("%Y-%m-%d %H:%M")}
+        payload.update({
+            "benchmark": path.stem,
+            "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32)" if decoder
+            else "minilm-l6 (all-MiniLM-L6-v2, fp32 safetensors)",
+            "protocol": ({"seqlen": 512, "wikitext2_windows": args.windows, "agreement_windows": args.agreement_windows,
+                          "calibration": f"{args.calib_samples} x 512 tokens of wiki.valid.tokens", "threads": 2,
+                          "quantised": "decoder block linears; tied embedding / LM head fp32",
+                          "anchor": ANCHOR} if decoder else
+                         {"sentences": "256 held-out lines of wiki.test.raw", "stsb": "test split",
+                          "calibration": f"{args.calib_samples} x 128 tokens of wiki.valid.tokens", "threads": 2}),
+            "versions": library_versions(),
+            "rows": sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
+        })
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    (run_decoder if decoder else run_encoder)(args, wanted, save)
     print(f"wrote {path}")
 
 
