@@ -128,17 +128,22 @@ def test_one_pass_and_two_pass_agree_on_the_first_layers():
                            models[False].model.layers[1].mlp.down_proj.qweight)
 
 
-def test_one_pass_forward_feeds_the_next_block_what_the_quantised_block_computes():
-    """Block 1's calibration inputs come from the hook-driven forward of block 0 (dequantised
-    weights in place); they must equal what the finished QuantLinear block 0 computes."""
-    seen = []
-
+def _recording_block_1_inputs(seen: list):
+    """GPTQ that also records the calibration inputs block 1 receives."""
     class Spy(GPTQ):
         def prepare(self, block, ctx):
             super().prepare(block, ctx)
             if ctx.index == 1:
                 ctx.state["handles"].append(block.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())))
 
+    return Spy
+
+
+def test_one_pass_forward_feeds_the_next_block_what_the_quantised_block_computes():
+    """Block 1's calibration inputs come from the hook-driven forward of block 0 (dequantised
+    weights in place); they must equal what the finished QuantLinear block 0 computes."""
+    seen = []
+    Spy = _recording_block_1_inputs(seen)
     model, calib = tiny_model("llama"), _calib()
     run_transforms(model, [Spy(bits=4, granularity="group", group_size=32)], calib=calib, progress=False)
     inputs, kwargs = capture_block_inputs(model, calib, len(calib))
@@ -224,13 +229,7 @@ def test_w8a8_activations_quantised_as_the_saved_layer_does(dynamic):
     """With activation quantisation, the one-pass forward feeds each layer fake-quantised
     inputs (as the finished QuantLinear will), and static scales come from that forward."""
     seen = []
-
-    class Spy(GPTQ):
-        def prepare(self, block, ctx):
-            super().prepare(block, ctx)
-            if ctx.index == 1:
-                ctx.state["handles"].append(block.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())))
-
+    Spy = _recording_block_1_inputs(seen)
     model, calib = tiny_model("llama"), _calib()
     first = []
     handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: first.append(a[0].abs().max()))

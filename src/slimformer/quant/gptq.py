@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -36,7 +35,7 @@ from slimformer.quant.hawq import planned_bits
 from slimformer.quant.modules import QuantLinear
 from slimformer.quant.primitives import choose_qparams, fake_quantize_activation, storable_scale
 from slimformer.quant.rtn import static_act_params
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.quant.spec import QuantFormat, WeightSpec
 
 _CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 … 0.6
 _MAX_DAMPENING_STEPS = 6
@@ -48,28 +47,22 @@ class GPTQWarning(UserWarning):
 
 @register
 @dataclass(frozen=True)
-class GPTQ(Transform):
+class GPTQ(QuantFormat, Transform):
+    """Arguments: the format (:class:`QuantFormat`; activation quantisation optional, e.g.
+    W8A8 after SmoothQuant), ``targets``, and GPTQ's own settings below."""
+
     bits: int = 4
-    symmetric: bool = True
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int | None = None
     act_order: bool = True
     static_groups: bool = True
     dampening: float = 0.01          # fraction of the mean Hessian diagonal added to it
     block_size: int = 128            # columns per lazy batch update
     clip_search: bool = True
     true_sequential: bool = True
-    # Optional activation quantisation of the layers' inputs (W8A8 after SmoothQuant):
-    act_bits: int | None = None
-    act_granularity: Literal["tensor", "token"] = "token"
-    act_dynamic: bool = True
-    act_symmetric: bool = True
 
     needs = Needs.CALIBRATION
 
     def __post_init__(self):
-        self.weight_spec()
-        self.act_spec()
+        super().__post_init__()
         if self.act_order and self.granularity == "group" and not self.static_groups:
             raise QuantConfigError("act_order with group quantisation needs static_groups: true "
                                    "(groups keep the original column order, so the packed layout is standard)")
@@ -77,14 +70,6 @@ class GPTQ(Transform):
             raise QuantConfigError(f"dampening must be positive, got {self.dampening!r}")
         if self.block_size < 1:
             raise QuantConfigError(f"block_size must be positive, got {self.block_size!r}")
-
-    def weight_spec(self, bits: int | None = None) -> WeightSpec:
-        return WeightSpec(bits or self.bits, self.symmetric, self.granularity, self.group_size)
-
-    def act_spec(self) -> ActSpec | None:
-        if self.act_bits is None:
-            return None
-        return ActSpec(self.act_bits, self.act_symmetric, self.act_granularity, self.act_dynamic)
 
     def one_pass(self) -> bool:
         return self.true_sequential

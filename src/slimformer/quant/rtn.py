@@ -4,7 +4,6 @@ Linear inputs too (dynamic per token / per tensor, or static from calibration)."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -14,32 +13,13 @@ from slimformer.errors import QuantConfigError
 from slimformer.models.surgery import linear_weight, set_module
 from slimformer.quant.hawq import planned_bits
 from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.quant.spec import ActSpec, QuantFormat
 
 
 @register
 @dataclass(frozen=True)
-class RTN(Transform):
-    bits: int = 8
-    symmetric: bool = True
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int | None = None
-    act_bits: int | None = None            # None: weight-only
-    act_granularity: Literal["tensor", "token"] = "token"
-    act_dynamic: bool = True
-    act_symmetric: bool = True
-
-    def __post_init__(self):
-        self.weight_spec()   # validate early: bits range, group settings
-        self.act_spec()
-
-    def weight_spec(self, bits: int | None = None) -> WeightSpec:
-        return WeightSpec(bits or self.bits, self.symmetric, self.granularity, self.group_size)
-
-    def act_spec(self) -> ActSpec | None:
-        if self.act_bits is None:
-            return None
-        return ActSpec(self.act_bits, self.act_symmetric, self.act_granularity, self.act_dynamic)
+class RTN(QuantFormat, Transform):
+    """Arguments: the weight / activation format (:class:`QuantFormat`) and ``targets``."""
 
     def requires(self) -> Needs:
         static = self.act_bits is not None and not self.act_dynamic

@@ -78,3 +78,31 @@ class ActSpec(_IntegerGrid):
             )
         if not self.dynamic and self.granularity == "token":
             raise QuantConfigError("static activation scales are per tensor; use granularity: tensor")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """The format arguments of a quantising Transform (RTN, GPTQ): the recipe keys for
+    weights and, optionally, the layer inputs (``act_bits: null`` = weight-only)."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: WeightGranularity = "channel"
+    group_size: int | None = None
+    act_bits: int | None = None
+    act_granularity: ActGranularity = "token"
+    act_dynamic: bool = True
+    act_symmetric: bool = True
+
+    def __post_init__(self):
+        self.weight_spec()   # validate early: bits range, group settings
+        self.act_spec()
+
+    def weight_spec(self, bits: int | None = None) -> WeightSpec:
+        """The weight format, at ``bits`` when a plan (HAWQ) chose them for a layer."""
+        return WeightSpec(bits or self.bits, self.symmetric, self.granularity, self.group_size)
+
+    def act_spec(self) -> ActSpec | None:
+        if self.act_bits is None:
+            return None
+        return ActSpec(self.act_bits, self.act_symmetric, self.act_granularity, self.act_dynamic)
