@@ -171,7 +171,8 @@ def ptq_smollm2_table(payload: dict) -> str:
         f"WikiText-2 test, {payload['protocol']['wikitext2_windows']} × 512 tokens; KL and top-1 agreement against fp32 on "
         f"{payload['protocol']['agreement_windows']} windows; calibration {payload['protocol']['calibration']}; stored MB = "
         "the saved `model.safetensors` (the fp32 tied embedding, 113 MB, included); compress s on 2 threads. "
-        f"Anchor: {anchor['tool']}: ppl {anchor['perplexity']} in {anchor['compress_seconds']:.0f} s.",
+        f"Anchor: {anchor['tool']}: ppl {anchor['perplexity']} in {anchor['compress_seconds']:.0f} s."
+        + (f" {payload['notes']}" if payload.get("notes") else ""),
         "",
         "| row | what | WikiText-2 ppl | Δ vs fp32 | KL | top-1 | stored MB | compress s | generate engine |",
         "|---|---|---|---|---|---|---|---|---|",
