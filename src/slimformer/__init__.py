@@ -12,7 +12,7 @@ def load(source, dtype="float32", trust_pickle=False):
 
 def __getattr__(name):
     # The public API lives in api.py; import lazily so `import slimformer` stays fast.
-    if name in ("compress", "evaluate", "compare"):
+    if name in ("compress", "evaluate", "compare", "train"):
         from slimformer import api
 
         return getattr(api, name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import copy
 import datetime
 import os
@@ -250,3 +252,98 @@ def _speed(source: str, new_tokens: int, repeats: int) -> dict:
                                           threads=torch.get_num_threads())
     keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_ms", "peak_rss_bytes", "engine")
     return {k: measured.get(k) for k in keep}
+
+
+@dataclass
+class TrainOutcome:
+    model: torch.nn.Module
+    tokenizer: object
+    recipe: Recipe
+    result: "TrainResult"
+    out: Path
+    sparsity: dict | None = None
+
+
+def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size: int | None = None,
+          seq_len: int | None = None, lr: float | None = None, grad_accum: int | None = None,
+          warmup_steps: int | None = None, save_every: int | None = None, teacher=None,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          source_name: str | None = None) -> TrainOutcome:
+    """Train ``model`` with ``recipe`` on ``data`` (its calibration half for built-in sources:
+    never the evaluation text) and write the result to ``out``.
+
+    The recipe's stages run in order: one-shot stages (e.g. Magnitude) before training,
+    the training stages' hooks during it, later one-shot stages after it. Checkpoints go
+    to ``out/checkpoint-<step>`` every ``save_every`` steps; ``resume`` continues from the
+    newest one (refused if it belongs to another model or recipe). The trained model is
+    written into ``out`` with its ``slimformer.json`` last.
+    """
+    from slimformer.errors import OutputExistsError, TrainingError
+    from slimformer.export.atomic import publish_into
+    from slimformer.models.load import COMPRESSED_MARKER
+    from slimformer.sparsity.oneshot import target_weights
+    from slimformer.sparsity.training import describe_sparsity
+    from slimformer.train.loop import TokenBatches, Trainer, TrainConfig, list_checkpoints, run_fingerprint
+
+    recipe = _recipe(recipe)
+    config = TrainConfig.parse(recipe.train, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                               grad_accum=grad_accum, warmup_steps=warmup_steps, save_every=save_every)
+    out = Path(out)
+    if out.exists() and not (resume or overwrite):
+        raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
+    training = [i for i, stage in enumerate(recipe.stages) if stage.requires() is Needs.TRAINING]
+    if not training:
+        raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. MaskedFineTune, GMP, STE, TopKAST)")
+    first, last = training[0], training[-1]
+    if any(stage.requires() is not Needs.TRAINING for stage in recipe.stages[first:last + 1]):
+        raise TrainingError(f"recipe {recipe.name}: the training stages must be consecutive")
+
+    base, tokenizer, source = _model_and_tokenizer(model, source_name)
+    if getattr(base, "slimformer_meta", None):
+        raise TrainingError(f"{source} is a compressed model; train the original model")
+    _check_decoder(base, "training")
+    adapter = adapter_for(base)
+    check_targets(recipe.stages, base, adapter)
+    target = copy.deepcopy(base) if isinstance(model, (tuple, list)) else base
+    if config.loss == "distill" and teacher is None:
+        teacher = copy.deepcopy(base).eval()   # the dense model, before any stage, teaches
+    elif teacher is not None:
+        teacher = _model_and_tokenizer(teacher)[0].eval()
+    batches = TokenBatches(tokenize(load_text(data, role="calib"), tokenizer), config.batch_size,
+                           config.seq_len, config.seed)
+    if overwrite and not resume:
+        for old in list_checkpoints(out):
+            shutil.rmtree(old)
+
+    def one_shot(stages):
+        if not stages:
+            return
+        calib = None
+        if any(s.requires() is Needs.CALIBRATION for s in stages):
+            calib, _ = calibration_set(tokenizer, data, 128, config.seq_len, None)
+        run_transforms(target, stages, calib, progress=progress)
+
+    one_shot(recipe.stages[:first])
+    target.requires_grad_(True)
+    hooks = [stage.training_hook(target, adapter, config) for stage in recipe.stages[first:last + 1]]
+    trainer = Trainer(target, config, batches, hooks=hooks, teacher=teacher, checkpoint_dir=out,
+                      fingerprint=run_fingerprint(target, recipe.text or recipe.name, source), progress=progress)
+    result = trainer.run(resume=resume)
+    target.requires_grad_(False)
+    one_shot(recipe.stages[last + 1:])
+
+    sparsity = None
+    pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.sparsity")]
+    if pruned:
+        sparsity = describe_sparsity(target_weights(target, adapter, pruned[0].targets))
+    extra = {"training": {"config": dataclasses.asdict(config), "data": load_text(data, role="calib").describe(),
+                          "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
+                          "final_loss": result.history[-1]["loss"] if result.history else None,
+                          "history": result.history},
+             "sparsity": sparsity}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
+    save_compressed(target, tokenizer, tmp, recipe_text=recipe.text or recipe.name, source=source,
+                    extra=extra, overwrite=True)
+    publish_into(tmp, out, last=COMPRESSED_MARKER)
+    return TrainOutcome(target, tokenizer, recipe, result, out, sparsity)

@@ -77,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bits", type=float, metavar="BITS",
                    help="average bits over the quantised weights for the recipe's HAWQ stage (e.g. 4.5)")
 
+    p = sub.add_parser("train", help="fine-tune with a training recipe (GMP, STE, Top-KAST, rewinding, ...)")
+    model_arg(p)
+    p.add_argument("--recipe", required=True, help="built-in recipe name or a YAML file with training stages")
+    p.add_argument("--data", required=True, help="training DATA: pydoc (its calibration half), a text/JSONL file or directory")
+    p.add_argument("--out", required=True, help="output directory (the trained model; checkpoints in OUT/checkpoint-N)")
+    p.add_argument("--steps", type=_positive_int, help="optimiser steps (default: the recipe's, else 100)")
+    p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 512)")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--save-every", type=int, help="write a checkpoint every N steps (default: only the final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
     p = sub.add_parser("eval", help="measure quality and cost of one model")
     model_arg(p)
     p.add_argument("--data", default="pydoc", help="DATA: pydoc, wikitext2, or a text/JSONL file or directory (default pydoc)")
@@ -209,6 +224,8 @@ def run(args) -> int:
             recipe = with_budget(recipe, args.budget_bits)
     if args.command in ("compress", "compare"):
         check_output_dir(Path(args.out), args.overwrite)
+    if args.command == "train":
+        return _train(args, progress)
     if getattr(args, "tasks", None):
         api.resolve_task_data(args.task_data)
     if args.command in ("eval", "compare", "compress", "inspect", "study-w8a8"):
@@ -255,6 +272,26 @@ def run(args) -> int:
 
         result = study_w8a8(source[0], source[1], args.data, args.seqlen, args.windows, progress)
         _write_json(args.json_path, result)
+    return 0
+
+
+def _train(args, progress: bool) -> int:
+    from slimformer import api
+    from slimformer.errors import OutputExistsError
+    from slimformer.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
+    outcome = api.train(args.model, recipe, args.data, out, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, lr=args.lr, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+                        save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                        progress=progress, source_name=args.model)
+    history = outcome.result.history
+    loss = f", final loss {history[-1]['loss']:.3f}" if history else ""
+    sparsity = f", sparsity {outcome.sparsity['sparsity']:.1%}" if outcome.sparsity else ""
+    print(f"wrote {outcome.out} ({outcome.result.steps} steps, {outcome.result.seconds:.1f} s{loss}{sparsity})")
     return 0
 
 

@@ -45,3 +45,11 @@ class MemoryBudgetError(SlimformerError):
 
 class ParallelConfigError(SlimformerError):
     """A tensor-parallel setting cannot apply (world size does not divide the heads, ...)."""
+
+
+class SparsityConfigError(SlimformerError):
+    """A sparsity setting cannot apply (N >= M, M not dividing a layer's input, sparsity outside [0, 1))."""
+
+
+class TrainingError(SlimformerError):
+    """Training cannot start or resume (data too short for one batch, a checkpoint of another model or recipe)."""

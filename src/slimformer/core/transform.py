@@ -177,6 +177,7 @@ def registered() -> dict[str, type[Transform]]:
 def build_transform(name: str, args: dict | None) -> Transform:
     """A Transform from a recipe stage; every error names the key."""
     import slimformer.quant  # noqa: F401  (registers the quantisation techniques)
+    import slimformer.sparsity  # noqa: F401  (and the pruning ones)
 
     if name not in _REGISTRY:
         raise RecipeError(f"unknown technique '{name}' (known: {', '.join(sorted(_REGISTRY))})")
@@ -189,8 +190,9 @@ def build_transform(name: str, args: dict | None) -> Transform:
             raise RecipeError(f"{name}: unknown argument '{key}' (accepted: {', '.join(fields)})")
     if "targets" in args:
         args["targets"] = Targets.parse(args["targets"])
-    for key, value in args.items():
+    for key, value in list(args.items()):
         if key != "targets":
+            args[key] = value = _yaml_float(value, hints.get(key))
             _check_type(name, key, value, hints.get(key))
     try:
         return cls(**args)
@@ -198,6 +200,16 @@ def build_transform(name: str, args: dict | None) -> Transform:
         raise
     except Exception as exc:  # __post_init__ validation
         raise RecipeError(f"{name}: {exc}") from None
+
+
+def _yaml_float(value: Any, hint) -> Any:
+    """PyYAML reads ``2e-4`` (no dot) as a string: where a float is expected, read it as one."""
+    if isinstance(value, str) and float in (typing.get_args(hint) or (hint,)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_type(technique: str, key: str, value: Any, hint) -> None:

@@ -61,3 +61,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def publish_into(tmp: Path, out: Path, last: str) -> None:
+    """Move every file of the finished directory ``tmp`` into ``out`` (which may hold other
+    things, e.g. training checkpoints), each by an atomic rename, ``last`` at the end: until
+    that marker lands, ``out`` holds no loadable result. ``tmp`` is removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / last
+    if stale.exists():
+        stale.unlink()   # the old result stops being loadable before its files change
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name == last)
+    for entry in entries:
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 # The module types a compressed directory can hold: registered by the techniques
 # (``slimformer.core.transform.register_module_type``), complete once slimformer.quant is imported.
 import slimformer.quant  # noqa: E402,F401
+import slimformer.sparsity  # noqa: E402,F401
 
 
 def library_versions() -> dict[str, str]:

@@ -6,6 +6,9 @@ description: 4-bit weights, one scale per 64 input columns
 stages:
   - RTN: {bits: 4, granularity: group, group_size: 64}
 ```
+A recipe whose stages train (GMP, STE, ...) may carry a ``train:`` mapping of
+:class:`~slimformer.train.TrainConfig` settings (steps, lr, schedule, ...), read by
+``slimformer train``; its flags override them.
 The same object is built from Python (``Recipe(name, [RTN(bits=4, ...)])``).
 """
 
@@ -20,7 +23,7 @@ import yaml
 from slimformer.core.transform import Transform, build_transform
 from slimformer.errors import RecipeError
 
-_TOP_KEYS = {"name", "description", "stages"}
+_TOP_KEYS = {"name", "description", "stages", "train"}
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Recipe:
     stages: list[Transform]
     description: str = ""
     text: str = field(default="", repr=False)   # the YAML verbatim, stored with every output
+    train: dict = field(default_factory=dict)    # training settings for `slimformer train`
 
 
 def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
@@ -57,8 +61,14 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
             raise RecipeError(f"stage {i + 1} ({name}): arguments must be a mapping")
         transforms.append(build_transform(name, args))
     name, description = data.get("name"), data.get("description")
+    train = data.get("train") or {}
+    if not isinstance(train, dict):
+        raise RecipeError("recipe key 'train' must be a mapping of training settings")
+    from slimformer.train.loop import TrainConfig
+
+    TrainConfig.parse(train)   # validate now: a typo fails when the recipe is read, not after loading the model
     return Recipe(default_name if name is None else str(name), transforms,
-                  "" if description is None else str(description), text)
+                  "" if description is None else str(description), text, train)
 
 
 def _builtin_dir():

@@ -1,0 +1,105 @@
+"""One-shot pruning Transforms: magnitude (layer-wise or global) and N:M, optionally
+after a channel-permutation search (Pool & Yu 2021).
+
+They zero weights in place (the dense layout, so every runtime and later stage reads
+them unchanged); the ``SparseStorage`` stage (``sparsity/storage.py``) then stores the
+pruned layers compactly. Each pruned layer reports its sparsity and the fraction of
+|weight| it kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from slimformer.core.transform import BlockContext, Transform, register
+from slimformer.models.surgery import linear_weight
+from slimformer.sparsity.masks import (
+    check_nm,
+    check_sparsity,
+    global_threshold,
+    kept_magnitude,
+    magnitude_mask,
+    nm_mask,
+    sparsity_of,
+    threshold_mask,
+)
+
+
+def target_weights(model: nn.Module, adapter, targets) -> dict[str, torch.Tensor]:
+    """Full name → ``[out, in]`` weight of every projection ``targets`` selects, all blocks."""
+    found = {}
+    for index, block in enumerate(adapter.get_blocks(model)):
+        for name in targets.select(adapter.linears, index):
+            found[f"{adapter.blocks}.{index}.{name}"] = linear_weight(block.get_submodule(name))
+    return found
+
+
+def _prune(weight: torch.Tensor, mask: torch.Tensor, ctx: BlockContext, name: str) -> None:
+    ctx.report(name, sparsity=round(sparsity_of(mask), 6), kept_magnitude=round(kept_magnitude(weight, mask), 6))
+    with torch.no_grad():
+        weight.mul_(mask)
+
+
+@register
+@dataclass(frozen=True)
+class Magnitude(Transform):
+    """Zero the smallest weights: ``sparsity`` of each layer (``scope: layer``) or of all
+    targeted layers together under one threshold (``scope: global``)."""
+
+    sparsity: float = 0.5
+    scope: Literal["layer", "global"] = "layer"
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be layer or global, got {self.scope!r}")
+
+    def plan_model(self, model, adapter, calib, plan):
+        if self.scope == "global":
+            weights = list(target_weights(model, adapter, self.targets).values())
+            plan[("magnitude_threshold", id(self))] = global_threshold(weights, self.sparsity)
+
+    def convert(self, block, ctx):
+        for name, module in self.target_linears(block, ctx).items():
+            weight = linear_weight(module)
+            if self.scope == "global":
+                mask = threshold_mask(weight, ctx.plan[("magnitude_threshold", id(self))])
+            else:
+                mask = magnitude_mask(weight, self.sparsity)
+            _prune(weight, mask, ctx, name)
+
+
+@register
+@dataclass(frozen=True)
+class NMSparsity(Transform):
+    """Keep the ``n`` largest of every ``m`` consecutive input weights of each row.
+
+    ``permute: true`` first searches a permutation of the input channels of the layers
+    whose inputs can be permuted without changing the function (down_proj with gate/up
+    rows; o_proj with value rows, per key/value head) and applies it to the connected
+    layers, so more magnitude survives the pruning."""
+
+    n: int = 2
+    m: int = 4
+    permute: bool = False
+    search_rounds: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        check_nm(self.n, self.m)
+
+    def convert(self, block, ctx):
+        if self.permute:
+            from slimformer.sparsity.permutation import permute_block_for_nm
+
+            before_after = permute_block_for_nm(block, ctx.adapter, ctx.model.config, self.n, self.m,
+                                                max_rounds=self.search_rounds, seed=self.seed + ctx.index)
+            for name, (before, after) in before_after.items():
+                ctx.report(name, kept_magnitude_default_order=round(before, 6))
+        for name, module in self.target_linears(block, ctx).items():
+            weight = linear_weight(module)
+            _prune(weight, nm_mask(weight, self.n, self.m, f"{ctx.prefix}.{name}"), ctx, name)

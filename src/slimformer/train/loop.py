@@ -1,0 +1,323 @@
+"""A small training loop for short CPU fine-tuning, shared by the sparsity methods
+(and later QAT and distillation).
+
+Causal-LM or distillation loss, gradient accumulation, AdamW, warm-up then constant,
+linear or cosine decay, gradient clipping, checkpoints (safetensors) every
+``save_every`` steps with exact resume, and a progress bar showing the loss. The
+techniques plug in as :class:`~slimformer.train.hooks.TrainHook`s.
+
+The LR schedule is read at ``schedule_step``, a counter that normally equals the step
+but that a hook may move back (learning-rate rewinding) or pin (``constant_lr``,
+fine-tuning at the final learning rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm.auto import tqdm
+
+from slimformer.errors import RecipeError, TrainingError
+from slimformer.export.atomic import atomic_directory
+from slimformer.train.hooks import TrainHook
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """How to train; a recipe's ``train:`` mapping and the CLI's flags fill it."""
+
+    steps: int = 100
+    batch_size: int = 4              # sequences per micro-batch
+    seq_len: int = 512
+    grad_accum: int = 1              # micro-batches per optimiser step
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1        # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loss: Literal["causal_lm", "distill"] = "causal_lm"
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5      # share of the distillation term; the rest is cross-entropy
+    save_every: int = 0              # 0: only the final model
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints")
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"train: {key} must be a positive integer, got {value!r}")
+        for key in ("warmup_steps", "save_every", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RecipeError(f"train: {key} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise RecipeError(f"train: lr must be positive, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError(f"train: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise RecipeError(f"train: distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise RecipeError(f"train: schedule must be constant, linear or cosine, got {self.schedule!r}")
+        if self.loss not in ("causal_lm", "distill"):
+            raise RecipeError(f"train: loss must be causal_lm or distill, got {self.loss!r}")
+
+    @classmethod
+    def parse(cls, mapping, **overrides) -> "TrainConfig":
+        """From a recipe's ``train:`` mapping, with CLI ``overrides`` (None = not given)."""
+        mapping = dict(mapping or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(mapping) - names
+        if unknown:
+            raise RecipeError(f"train: unknown key '{sorted(unknown)[0]}' (accepted: {', '.join(sorted(names))})")
+        mapping.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm", "distill_temperature", "distill_weight"):
+            value = mapping.get(key)
+            if isinstance(value, str):   # PyYAML reads 1e-4 (no dot) as a string
+                try:
+                    mapping[key] = float(value)
+                except ValueError:
+                    raise RecipeError(f"train: {key} must be a number, got {value!r}") from None
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RecipeError(f"train: {key} must be a number, got {value!r}")
+        return cls(**mapping)
+
+    def lr_at(self, schedule_step: int) -> float:
+        """The learning rate the schedule gives at ``schedule_step``."""
+        if self.warmup_steps and schedule_step < self.warmup_steps:
+            return self.lr * (schedule_step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (schedule_step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        if self.schedule == "linear":
+            return floor + (self.lr - floor) * (1 - progress)
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TokenBatches:
+    """Micro-batches of ``[batch_size, seq_len]`` windows cut from one token stream.
+
+    The windows are shuffled once per epoch with a generator seeded by (seed, epoch), so
+    the batch of any step is a pure function of the step: resuming needs no data state."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
+        tokens = tokens.flatten()
+        self.windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
+        if self.windows.shape[0] < batch_size:
+            raise TrainingError(
+                f"training data has {tokens.numel()} tokens: {self.windows.shape[0]} windows of {seq_len}, "
+                f"fewer than one batch of {batch_size}"
+            )
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = self.windows.shape[0] // batch_size
+
+    def __call__(self, index: int) -> torch.Tensor:
+        """The ``index``-th micro-batch of the run."""
+        epoch, position = divmod(index, self.per_epoch)
+        order = torch.randperm(self.windows.shape[0], generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return self.windows[order[position * self.batch_size:(position + 1) * self.batch_size]]
+
+
+def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target term, KL(teacher ‖ student) at ``temperature``, scaled by T² so
+    its gradients keep their size as T changes."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, 1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def run_fingerprint(model: nn.Module, recipe_text: str, source: str) -> dict:
+    """What a checkpoint must match to be resumed: the model's architecture and the recipe."""
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
+    return {"source": source, "config": digest(model.config.to_json_string(use_diff=False)),
+            "recipe": digest(recipe_text)}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict]          # one entry per step: step, loss, lr, and the hooks' metrics
+    resumed_from: int | None = None
+
+
+class Trainer:
+    """Trains ``model`` in place for ``config.steps`` optimiser steps."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, batches: TokenBatches, *,
+                 hooks: list[TrainHook] = (), teacher: nn.Module | None = None,
+                 checkpoint_dir: Path | None = None, fingerprint: dict | None = None, progress: bool = True):
+        if config.loss == "distill" and teacher is None:
+            raise TrainingError("the distillation loss needs a teacher model")
+        self.model, self.config, self.batches = model, config, batches
+        self.hooks, self.teacher = list(hooks), teacher
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.fingerprint = fingerprint or {}
+        self.progress = progress
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.schedule_step = 0
+        self.constant_lr: float | None = None   # set by a hook to train at a fixed rate
+        self.history: list[dict] = []
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def current_lr(self) -> float:
+        return self.constant_lr if self.constant_lr is not None else self.config.lr_at(self.schedule_step)
+
+    def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        loss = causal_lm_loss(logits, ids)
+        if self.config.loss == "distill":
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+            weight = self.config.distill_weight
+            loss = weight * distillation_loss(logits, teacher_logits, self.config.distill_temperature) + (1 - weight) * loss
+        return loss
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        for hook in self.hooks:
+            hook.before_forward(self, self.step)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = self.batches(self.step * cfg.grad_accum + micro)
+            loss = self.loss_on(ids)
+            for hook in self.hooks:
+                extra = hook.regularizer(self, self.step)
+                if extra is not None:
+                    loss = loss + extra
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        for hook in self.hooks:
+            hook.after_backward(self, self.step)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for hook in self.hooks:
+            hook.after_step(self, self.step)
+        if not math.isfinite(total):
+            raise TrainingError(f"the loss became {total} at step {self.step + 1}; lower the learning rate")
+        record = {"step": self.step + 1, "loss": total, "lr": lr}
+        for hook in self.hooks:
+            record.update(hook.metrics())
+        self.step += 1
+        self.schedule_step += 1
+        return record
+
+    def run(self, resume: bool = False) -> TrainResult:
+        start = time.perf_counter()
+        resumed_from = self.resume_latest() if resume else None
+        for hook in self.hooks:
+            hook.on_start(self)
+        cfg = self.config
+        with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+                  disable=not self.progress, leave=False) as bar:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                self.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                bar.update()
+                if cfg.save_every and self.checkpoint_dir is not None and self.step % cfg.save_every == 0 \
+                        and self.step < cfg.steps:
+                    self.save_checkpoint()
+        for hook in self.hooks:
+            hook.on_end(self)
+        self.model.eval()
+        return TrainResult(self.step, time.perf_counter() - start, self.history, resumed_from)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-<step>/`` in the checkpoint directory, written atomically; older
+        ones beyond ``keep_checkpoints`` are removed."""
+        target = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        with atomic_directory(target, overwrite=True) as tmp:
+            save_model(self.model, str(tmp / "model.safetensors"))
+            save_file(self._optimizer_tensors(), str(tmp / "optimizer.safetensors"))
+            hook_tensors = {f"{i}.{k}": v.contiguous() for i, h in enumerate(self.hooks) for k, v in h.state_dict().items()}
+            save_file(hook_tensors, str(tmp / "hooks.safetensors"))
+            state = {"step": self.step, "schedule_step": self.schedule_step, "constant_lr": self.constant_lr,
+                     "fingerprint": self.fingerprint, "history": self.history,
+                     "hooks": [h.extra_state() for h in self.hooks]}
+            (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+        for old in list_checkpoints(self.checkpoint_dir)[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, param in self.params.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"{name}/{key}"] = value.detach().contiguous()
+        return tensors
+
+    def resume_latest(self) -> int | None:
+        """Restore the newest checkpoint, after checking it belongs to this model and recipe."""
+        found = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir is not None else []
+        if not found:
+            return None
+        path = found[-1]
+        state = json.loads((path / "trainer.json").read_text())
+        saved = state.get("fingerprint", {})
+        for key, what in (("config", "model"), ("recipe", "recipe")):
+            if saved.get(key) != self.fingerprint.get(key):
+                raise TrainingError(f"checkpoint {path} was written for another {what} "
+                                    f"({saved.get('source') if key == 'config' else 'recipe ' + str(saved.get(key))}); "
+                                    "use another --out or --overwrite")
+        try:   # load_model knows the tensors save_model dropped as shared (tied embeddings)
+            load_model(self.model, str(path / "model.safetensors"))
+        except RuntimeError as exc:
+            raise TrainingError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        optim = load_file(str(path / "optimizer.safetensors"))
+        for name, param in self.params.items():
+            entries = {key.split("/", 1)[1]: value for key, value in optim.items() if key.split("/", 1)[0] == name}
+            if entries:
+                self.optimizer.state[param] = entries
+        hook_tensors = load_file(str(path / "hooks.safetensors"))
+        for i, hook in enumerate(self.hooks):
+            hook.load_state_dict({k.split(".", 1)[1]: v for k, v in hook_tensors.items() if k.split(".", 1)[0] == str(i)})
+            if i < len(state.get("hooks", [])):
+                hook.load_extra_state(state["hooks"][i])
+        self.step, self.schedule_step = state["step"], state["schedule_step"]
+        self.constant_lr = state.get("constant_lr")
+        self.history = state.get("history", [])
+        return self.step
+
+
+def list_checkpoints(directory: Path | None) -> list[Path]:
+    """Checkpoint directories, oldest first."""
+    if directory is None or not Path(directory).is_dir():
+        return []
+    found = [p for p in Path(directory).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
