@@ -19,7 +19,7 @@ import torch
 from slimformer.core.runner import RunResult, run_transforms
 from slimformer.core.transform import Needs, check_targets
 from slimformer.data import calibration_set, eval_windows, held_out_sentences, load_text, tokenize
-from slimformer.errors import DataError, QuantConfigError
+from slimformer.errors import DataError, QuantConfigError, RecipeError
 from slimformer.eval import cost
 from slimformer.eval.perplexity import perplexity
 from slimformer.export.atomic import atomic_directory, check_output_dir
@@ -62,6 +62,8 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
     recipe = _recipe(recipe)
     if out is not None:
         check_output_dir(Path(out), overwrite)   # fail before the slow part
+    if any(stage.requires() is Needs.TRAINING for stage in recipe.stages):
+        raise RecipeError(f"recipe {recipe.name} trains: run it with `slimformer train`")
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     if getattr(base, "slimformer_meta", None):
         raise QuantConfigError(f"{source} is already compressed; compress the original model instead")
