@@ -223,15 +223,17 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for hook in self.hooks:
-            hook.after_step(self, self.step)
         if not math.isfinite(total):
             raise TrainingError(f"the loss became {total} at step {self.step + 1}; lower the learning rate")
-        record = {"step": self.step + 1, "loss": total, "lr": lr}
-        for hook in self.hooks:
-            record.update(hook.metrics())
+        # Count the step before the hooks see it: a hook that rewinds the schedule sets
+        # where the *next* step reads it.
         self.step += 1
         self.schedule_step += 1
+        for hook in self.hooks:
+            hook.after_step(self, self.step - 1)
+        record = {"step": self.step, "loss": total, "lr": lr}
+        for hook in self.hooks:
+            record.update(hook.metrics())
         return record
 
     def run(self, resume: bool = False) -> TrainResult:
