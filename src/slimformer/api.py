@@ -295,7 +295,7 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
         raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
     training = [i for i, stage in enumerate(recipe.stages) if stage.requires() is Needs.TRAINING]
     if not training:
-        raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. MaskedFineTune, GMP, STE, TopKAST)")
+        raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. FineTune, MaskedFineTune, GMP, STE, TopKAST)")
     first, last = training[0], training[-1]
     if any(stage.requires() is not Needs.TRAINING for stage in recipe.stages[first:last + 1]):
         raise TrainingError(f"recipe {recipe.name}: the training stages must be consecutive")
@@ -311,8 +311,8 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
         teacher = copy.deepcopy(base).eval()   # the dense model, before any stage, teaches
     elif teacher is not None:
         teacher = _model_and_tokenizer(teacher)[0].eval()
-    batches = TokenBatches(tokenize(load_text(data, role="calib"), tokenizer), config.batch_size,
-                           config.seq_len, config.seed)
+    text = load_text(data, role="calib")
+    batches = TokenBatches(tokenize(text, tokenizer), config.batch_size, config.seq_len, config.seed)
     if overwrite and not resume:
         for old in list_checkpoints(out):
             shutil.rmtree(old)
@@ -338,7 +338,7 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.sparsity")]
     if pruned:
         sparsity = describe_sparsity(target_weights(target, adapter, pruned[0].targets))
-    extra = {"training": {"config": dataclasses.asdict(config), "data": load_text(data, role="calib").describe(),
+    extra = {"training": {"config": dataclasses.asdict(config), "data": text.describe(),
                           "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                           "final_loss": result.history[-1]["loss"] if result.history else None,
                           "history": result.history},

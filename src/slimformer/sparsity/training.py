@@ -1,6 +1,7 @@
 """Sparsity during training: each Transform here ``needs`` training and hands the
 trainer a :class:`~slimformer.train.hooks.TrainHook`.
 
+- ``FineTune``: dense training, no mask (train before pruning).
 - ``MaskedFineTune``: keep the zeros a one-shot stage left (masked gradients and weights).
 - ``GMP`` (Zhu & Gupta 2017): sparsity s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³,
   masks recomputed by magnitude every Δt steps; pruned weights get no update.
@@ -108,6 +109,15 @@ class KeepZerosHook(MaskHook):
     def on_start(self, trainer):
         if not self.masks:
             self.masks = {k: w.detach() != 0 for k, w in self.weights.items()}
+
+
+@register
+@dataclass(frozen=True)
+class FineTune(_SparsityTransform):
+    """Plain (dense) training: no mask. The first step of train → prune → retrain."""
+
+    def training_hook(self, model, adapter, config):
+        return TrainHook()
 
 
 @register
