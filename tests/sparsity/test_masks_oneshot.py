@@ -116,3 +116,23 @@ def test_nm_that_does_not_divide_a_layer_names_it():
 def test_training_recipe_is_refused_by_compress():
     with pytest.raises(RecipeError, match="slimformer train"):
         _pruned("stages:\n  - GMP: {final_sparsity: 0.5}")
+
+
+def test_sparse_storage_stage_saves_fewer_bytes_and_loads_the_same_model(tmp_path):
+    import slimformer
+    from slimformer.export.compressed import weight_bytes
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ids = torch.randint(0, 300, (1, 16))
+    dense = api.compress((model, tok), "nm-2-4", out=tmp_path / "dense", progress=False)
+    packed = api.compress((model, tok), parse_recipe(
+        "stages:\n  - NMSparsity: {n: 2, m: 4}\n  - SparseStorage: {n: 2, m: 4}\n"), out=tmp_path / "packed",
+        progress=False)
+    layer = packed.run.layers["model.layers.0.mlp.down_proj"]
+    assert layer["storage"] == "nm"
+    # 2:4 in fp32: half the values, plus a 2-bit position per kept value (1 bit per weight) = 0.5 + 1/32
+    assert layer["stored_bytes"] == layer["dense_bytes"] * (0.5 + 1 / 32)
+    assert weight_bytes(packed.out) < weight_bytes(dense.out)
+    loaded, _ = slimformer.load(packed.out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, dense.model(input_ids=ids).logits)

@@ -103,3 +103,35 @@ class NMSparsity(Transform):
         for name, module in self.target_linears(block, ctx).items():
             weight = linear_weight(module)
             _prune(weight, nm_mask(weight, self.n, self.m, f"{ctx.prefix}.{name}"), ctx, name)
+
+
+@register
+@dataclass(frozen=True)
+class SparseStorage(Transform):
+    """Store the pruned projections compactly (``SparseLinear``): N:M as values + packed
+    in-group positions when ``n``/``m`` are given and the weight is N:M, else a bitmap or
+    CSR, whichever is smaller; ``dtype`` float16/bfloat16 halves the values. Place it after
+    the pruning stage (or at the end of a training recipe)."""
+
+    format: Literal["auto", "nm", "bitmap", "csr"] = "auto"
+    n: int | None = None
+    m: int | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+    def __post_init__(self):
+        if (self.n is None) != (self.m is None):
+            raise ValueError("give both n and m for N:M storage")
+        if self.n is not None:
+            check_nm(self.n, self.m)
+        if self.format == "nm" and self.n is None:
+            raise ValueError("format nm needs n and m")
+
+    def convert(self, block, ctx):
+        from slimformer.models.surgery import set_module
+        from slimformer.sparsity.storage import SparseLinear
+
+        for name, module in self.target_linears(block, ctx).items():
+            sparse = SparseLinear.from_linear(module, self.format, self.n, self.m, self.dtype, f"{ctx.prefix}.{name}")
+            ctx.report(name, storage=sparse.format, stored_bytes=sparse.stored_bytes(),
+                       dense_bytes=linear_weight(module).numel() * linear_weight(module).element_size())
+            set_module(block, name, sparse)
