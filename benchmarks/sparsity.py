@@ -183,8 +183,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--steps", type=int, help="training steps per recovery row (default: the recipe's)")
     parser.add_argument("--tiny-steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when the machine is shared)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     table = {"oneshot": [r[0] for r in ONESHOT_ROWS], "recovery": [r[0] for r in RECOVERY_ROWS],
              "workflow": ["tiny-workflow"]}[args.part]
     wanted = args.rows.split(",") if args.rows else table
@@ -197,7 +198,7 @@ def main() -> None:
         payload.update({
             "benchmark": RESULTS.stem,
             "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32)",
-            "protocol": {"seqlen": 512, "wikitext2_windows": args.windows, "threads": 2,
+            "protocol": {"seqlen": 512, "wikitext2_windows": args.windows,
                          "pruned": "decoder block projections; tied embedding / LM head dense",
                          "recovery_data": "wiki.valid.tokens (WikiText-2 validation), never the test split"},
             "versions": library_versions(),
