@@ -136,3 +136,15 @@ def test_sparse_storage_stage_saves_fewer_bytes_and_loads_the_same_model(tmp_pat
     loaded, _ = slimformer.load(packed.out)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, dense.model(input_ids=ids).logits)
+
+
+def test_permuted_nm_keeps_more_magnitude_than_the_default_order():
+    default, _ = _pruned("stages:\n  - NMSparsity: {n: 2, m: 4}")
+    permuted, weights = _pruned("stages:\n  - NMSparsity: {n: 2, m: 4, permute: true}")
+    for name in ("mlp.down_proj", "self_attn.o_proj"):
+        for block in (0, 1):
+            key = f"model.layers.{block}.{name}"
+            assert permuted.run.layers[key]["kept_magnitude"] > default.run.layers[key]["kept_magnitude"], key
+            assert permuted.run.layers[key]["kept_magnitude_default_order"] == \
+                pytest.approx(default.run.layers[key]["kept_magnitude"], abs=1e-6)
+    assert all(is_nm(w, 2, 4) for w in weights.values())
