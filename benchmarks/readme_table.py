@@ -223,10 +223,52 @@ def zeroquant_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def sparsity_table(payload: dict) -> str:
+    rows = {r["name"]: r for r in payload["rows"]}
+    lines = [
+        "Pruning on SmolLM2-135M (`benchmarks/sparsity.py` → `benchmarks/results/sparsity_smollm2.json`): WikiText-2 test "
+        f"perplexity, {payload['protocol']['wikitext2_windows']} × 512 tokens; {payload['protocol']['pruned']}. Kept |W|: "
+        "the fraction of Σ\\|W\\| the pruned projections keep (all of them, and the two whose inputs permutation can reorder: "
+        "down_proj, o_proj). Compressed MB: the pruned projections in `SparseLinear` storage, fp32 values (dense fp32 in brackets).",
+        "",
+        "| one shot | sparsity | kept \\|W\\| | kept \\|W\\| down/o | perplexity | compressed MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        if r.get("part") != "oneshot":
+            continue
+        if r["name"] == "fp32":
+            lines.append(f"| fp32 | 0 | 1 | 1 | {r['perplexity']:.2f} | |")
+            continue
+        lines.append(f"| {r['name']} | {r['sparsity']:.1%} | {r['kept_magnitude']:.4f} | {r['kept_magnitude_permutable']:.4f} | "
+                     f"{r['perplexity']:.2f} | {r['compressed_bytes'] / 1e6:.1f} ({r['dense_fp32_bytes'] / 1e6:.1f}) |")
+    recovery = [r for r in payload["rows"] if r.get("part") == "recovery"]
+    if recovery:
+        lines += ["", "Recovery by training on wiki.valid.tokens (never the test split); budget per row as stated "
+                  "(steps × tokens per step).", "",
+                  "| recovery | budget | sparsity | one-shot baseline | baseline ppl | perplexity | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in recovery:
+            base = rows.get(r["baseline"], {}).get("perplexity")
+            t = r["train"]
+            lines.append(f"| {r['name']} | {t['steps']} × {t['tokens'] // max(1, t['steps'])} | {r['sparsity']:.1%} | "
+                         f"{r['baseline']} | {_fmt(base, '.2f')} | {r['perplexity']:.2f} | {t['seconds']:.0f} |")
+    workflow = rows.get("tiny-workflow")
+    if workflow:
+        p = workflow["perplexity"]
+        lines += ["", f"Train → prune → retrain on a tiny model from scratch ({workflow['model']}; {workflow['data']}; "
+                  f"{workflow['steps']['dense']} dense steps, {workflow['steps']['retrain']} retraining steps): perplexity "
+                  f"random init {p['random_init']:.1f} → dense trained {p['dense_trained']:.2f} → 2:4 one shot "
+                  f"{p['one_shot_2_4']:.2f} → retrained with the 2:4 mask {p['retrained_2_4_masked']:.2f}, "
+                  f"with STE {p['retrained_2_4_ste']:.2f}, with SR-STE {p['retrained_2_4_srste']:.2f}."]
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
-          "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table}
+          "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
+          "sparsity_smollm2.json": sparsity_table}
 
 
 def render() -> str:
