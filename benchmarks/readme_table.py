@@ -264,11 +264,24 @@ def sparsity_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def sparse_matmul_table(payload: dict) -> str:
+    rule = payload["sparse_path_rule"]
+    return (
+        f"Sparse vs dense matmul on this CPU (`benchmarks/sparse_matmul.py` → `benchmarks/results/sparse_matmul.json`, "
+        f"{payload['date']}; SmolLM2 projection shapes, 1/16/512 tokens, unstructured 50–95% and 2:4, torch CSR vs "
+        f"dense `F.linear`, fp32). {payload['conclusion']['summary']}. 2:4 semi-structured kernels and fp16/bf16 CSR do "
+        "not exist on CPU. `SparseLinear` therefore multiplies densely except at one token with density ≤ "
+        f"{rule['decode_max_density']} (≤ {rule['decode_max_density_large']} for weights ≥ {rule['large_weight_numel']} "
+        f"elements) and at several tokens with density ≤ {rule['many_tokens_max_density']}: at 50% and 2:4 the saving is "
+        "storage, not speed."
+    )
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
-          "sparsity_smollm2.json": sparsity_table}
+          "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table}
 
 
 def render() -> str:
