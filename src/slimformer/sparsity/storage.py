@@ -51,11 +51,13 @@ INT16_MAX_COLUMNS = 32767   # int16 column indices reach column 32767
 # - one token (decode, torch.mv): 90-95% sparsity 0.25-0.6x in every shape; 70% 0.5-0.8x
 #   on weights larger than L2 (1536x576, 576x1536) but a tie on 576x576 (0.75-1.1x);
 #   50% and 2:4 from 0.65x (1536x576) to 1.25x (576x576);
-# - 16 or 512 tokens (sparse.mm): 95% 0.45-0.95x; 90% anywhere from 0.5x to 1.3x (576x576
-#   at 512 tokens flips between runs); 70% ties at 16 tokens and ~2x slower at 512; 50%
-#   and 2:4 1.1-4x slower.
+# - 16 or 512 tokens (sparse.mm): 95% 0.4-1.05x (never clearly slower); 90% anywhere from
+#   0.5x to 1.3x (576x576 at 512 tokens flips between runs); 70% 0.8-1.3x at 16 tokens and
+#   ~2x slower at 512; 50% and 2:4 1.1-4x slower.
 # The rule keeps the wins that held in every run, so it never picks the slower path; the
-# ties and run-dependent cases stay dense.
+# ties and run-dependent cases stay dense. Caveat: with another process busy on the other
+# core, MKL's 2-thread sparse kernels sometimes wait a scheduler slice (3-12 ms for one
+# token, where dense takes 0.03-0.25 ms), seen in runs on this machine under load.
 DECODE_MAX_DENSITY = 0.12
 DECODE_MAX_DENSITY_LARGE = 0.35   # for weights of at least LARGE_WEIGHT elements
 LARGE_WEIGHT = 1 << 19            # 2 MiB of fp32: this CPU's L2 (both cores)
