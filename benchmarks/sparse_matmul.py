@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from slimformer.sparsity import storage
 from slimformer.sparsity.masks import magnitude_mask, nm_mask
 from slimformer.sparsity.storage import SparseLinear
+from timing import round_robin_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (out, in)
@@ -74,20 +75,8 @@ def pruned(out: int, k: int, sparsity: str, g: torch.Generator) -> torch.Tensor:
 
 
 def round_robin(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
-    """Median and minimum microseconds per call; each round calls every variant once."""
-    for fn in fns.values():
-        fn(x)
-        fn(x)
-    t = time.perf_counter()
-    fns["dense"](x)
-    inner = max(1, int(1e-3 / max(time.perf_counter() - t, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn(x)
-            samples[name].append((time.perf_counter() - t) / inner)
+    """Median and minimum microseconds per call."""
+    samples = round_robin_samples(fns, x, repeats, reference="dense")
     return {name: {"median_us": round(statistics.median(v) * 1e6, 1), "min_us": round(min(v) * 1e6, 1)}
             for name, v in samples.items()}
 

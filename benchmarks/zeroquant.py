@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slimformer import kernels as K  # noqa: E402
+from timing import round_robin_samples  # noqa: E402
 from slimformer.quant.modules import QuantLinear  # noqa: E402
 from slimformer.quant.spec import ActSpec, WeightSpec  # noqa: E402
 
@@ -87,21 +88,8 @@ def zeroquant_path(m: int) -> str:
 
 
 def round_robin(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median microseconds per call; each round calls every variant once (after a warm-up)."""
-    for fn in fns.values():
-        fn(x)
-        fn(x)
-    # enough calls per sample that one sample is >= ~1 ms (timer resolution, scheduler noise)
-    t = time.perf_counter()
-    fns["fp32"](x)
-    inner = max(1, int(1e-3 / max(time.perf_counter() - t, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn(x)
-            samples[name].append((time.perf_counter() - t) / inner)
+    """Median microseconds per call."""
+    samples = round_robin_samples(fns, x, repeats, reference="fp32")
     return {name: round(statistics.median(v) * 1e6, 2) for name, v in samples.items()}
 
 

@@ -320,7 +320,7 @@ class DenseForwardHook(MaskHook):
         self.restore_dense()   # the gradient, taken at the pruned point, now updates the dense weights
 
     def after_step(self, trainer, step):
-        pass
+        pass   # the dense weights stay dense between steps: the mask is re-chosen from them
 
     def on_end(self, trainer):
         self.masks = self.forward_masks()
