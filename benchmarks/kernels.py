@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from slimformer import kernels as K  # noqa: E402
-from slimformer.quant.primitives import quantize_weight  # noqa: E402
-from slimformer.quant.spec import WeightSpec  # noqa: E402
+from slimformer.formats.primitives import quantize_weight  # noqa: E402
+from slimformer.formats.spec import WeightSpec  # noqa: E402
 
 THREADS = 2
 HIDDEN, KV, INTER, VOCAB, LAYERS = 576, 192, 1536, 49152, 30

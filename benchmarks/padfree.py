@@ -42,8 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from slimformer.core.runner import run_transforms  # noqa: E402
 from slimformer.models.load import load  # noqa: E402
-from slimformer.quant.rtn import RTN  # noqa: E402
 from slimformer.runtime.padfree import ATTENTION_KINDS, mean_pool, pack, padfree_encode  # noqa: E402
+from slimformer.techniques.quant.rtn import RTN  # noqa: E402
 
 THREADS = 2
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

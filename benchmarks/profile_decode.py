@@ -4,9 +4,15 @@ included), Q4_1 groups of 32 (the GGUF) against int4 g64, plus the LM head.
 
     python benchmarks/profile_decode.py
 """
-import torch, time, slimformer
+import time
+
+import torch
+
+import slimformer
+
 torch.set_num_threads(2)
 from slimformer.runtime.decoder import NativeDecoder, gguf_source_path
+
 m, tok = slimformer.load("smollm2-135m")
 dg = NativeDecoder.from_model(m, gguf_path=gguf_source_path("smollm2-135m"))
 v64 = slimformer.compress((m, tok), "rtn-w4-g64", progress=False).model

@@ -30,7 +30,7 @@ from slimformer.api import compress
 from slimformer.data import eval_windows, held_out_sentences, load_text, tokenize
 from slimformer.eval.cost import in_memory_bytes
 from slimformer.eval.perplexity import perplexity
-from slimformer.export.compressed import library_versions, weight_bytes
+from slimformer.models.compressed import library_versions, weight_bytes
 from slimformer.recipes.schema import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from slimformer.api import compress
 from slimformer.data import eval_windows, load_text, tokenize
 from slimformer.eval.cost import in_memory_bytes
 from slimformer.eval.perplexity import perplexity
-from slimformer.export.compressed import library_versions
+from slimformer.models.compressed import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

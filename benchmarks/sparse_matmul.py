@@ -51,11 +51,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch
 import torch.nn.functional as F
-
-from slimformer.sparsity import storage
-from slimformer.sparsity.masks import magnitude_mask, nm_mask
-from slimformer.sparsity.storage import SparseLinear
 from timing import round_robin_samples
+
+from slimformer.formats.masks import magnitude_mask, nm_mask
+from slimformer.nn import sparse as storage
+from slimformer.nn.sparse import SparseLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (out, in)
@@ -223,7 +223,7 @@ def main() -> None:
 
     busy = one_core_busy(cases, args.repeats)
 
-    from slimformer.export.compressed import library_versions
+    from slimformer.models.compressed import library_versions
 
     payload = {
         "benchmark": "sparse_matmul",

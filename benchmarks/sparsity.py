@@ -29,13 +29,13 @@ import torch
 
 import slimformer
 from slimformer.api import compress, train
+from slimformer.core.transform import target_weights
 from slimformer.data import eval_windows, load_text, tokenize
 from slimformer.eval.perplexity import perplexity
-from slimformer.export.compressed import library_versions
 from slimformer.models.adapters import adapter_for
+from slimformer.models.compressed import library_versions
 from slimformer.recipes import load_recipe
 from slimformer.recipes.schema import parse_recipe
-from slimformer.sparsity.oneshot import target_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -77,7 +77,7 @@ def magnitude_kept(original: dict[str, torch.Tensor], pruned: dict[str, torch.Te
 
 def compressed_bytes(weights: dict[str, torch.Tensor], n=None, m=None) -> dict:
     """Bytes of the pruned projections: dense fp32 vs the compressed storage (fp32 values)."""
-    from slimformer.sparsity.storage import SparseLinear
+    from slimformer.nn.sparse import SparseLinear
 
     dense = stored = 0
     for w in weights.values():

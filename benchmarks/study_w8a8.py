@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import slimformer
-from slimformer.export.compressed import library_versions
-from slimformer.quant.study import study_w8a8
+from slimformer.api import study_w8a8
+from slimformer.models.compressed import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -28,7 +28,7 @@ def main() -> None:
     for name in ("smollm2-135m", "minilm-l6"):
         model, tokenizer = slimformer.load(name)
         print(f"== {name}")
-        models[name] = study_w8a8(model, tokenizer, data, seqlen=512, windows=8)
+        models[name] = study_w8a8((model, tokenizer), data, seqlen=512, windows=8)
     payload = {"benchmark": "study_w8a8", "date": time.strftime("%Y-%m-%d"), "versions": library_versions(),
                "protocol": {"weights": "RTN 8-bit per output channel",
                             "activations": "8-bit symmetric, dynamic, inputs of every block projection"},

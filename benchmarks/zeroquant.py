@@ -38,11 +38,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from timing import round_robin_samples  # noqa: E402
 
 from slimformer import kernels as K  # noqa: E402
-from timing import round_robin_samples  # noqa: E402
-from slimformer.quant.modules import QuantLinear  # noqa: E402
-from slimformer.quant.spec import ActSpec, WeightSpec  # noqa: E402
+from slimformer.formats.spec import ActSpec, WeightSpec  # noqa: E402
+from slimformer.nn.quant_linear import QuantLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 64
@@ -136,7 +136,7 @@ def main() -> None:
         layer_sum[m] = {name: {"sum_us": round(us, 1), "speedup_vs_fp32": round(sums["fp32"] / us, 2)}
                         for name, us in sums.items()}
 
-    from slimformer.export.compressed import library_versions
+    from slimformer.models.compressed import library_versions
 
     payload = {
         "benchmark": "zeroquant",

@@ -1,11 +1,13 @@
 """slimformer: make transformer models cheaper to run, and measure what it cost and saved."""
 
-__version__ = "0.1.0"
+from slimformer._version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(source, dtype="float32", trust_pickle=False):
     """Load ``(model, tokenizer)`` on CPU; see :func:`slimformer.models.load.load`."""
-    from slimformer.models.load import load as _load
+    from slimformer.api import load as _load
 
     return _load(source, dtype=dtype, trust_pickle=trust_pickle)
 

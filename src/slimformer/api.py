@@ -1,14 +1,16 @@
-"""The public functions: compress, evaluate, compare. The CLI is a thin layer over these."""
+"""The public functions: load, compress, train, evaluate, compare, study_w8a8. The CLI is a thin
+layer over these. Importing this module loads the built-in plugins (techniques, module types,
+exporters), so every name a recipe or a saved model uses is known."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import shutil
 import copy
+import dataclasses
 import datetime
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -18,17 +20,32 @@ import torch
 
 from slimformer.core.runner import RunResult, run_transforms
 from slimformer.core.transform import Needs, check_targets
-from slimformer.data import calibration_set, eval_windows, held_out_sentences, load_text, tokenize
+from slimformer.data import (
+    calibration_set,
+    eval_windows,
+    held_out_sentences,
+    load_text,
+    tokenize,
+)
 from slimformer.errors import DataError, QuantConfigError, RecipeError
 from slimformer.eval import cost
 from slimformer.eval.perplexity import perplexity
-from slimformer.export.atomic import atomic_directory, check_output_dir
-from slimformer.export.compressed import library_versions, save_compressed, weight_bytes
 from slimformer.models.adapters import adapter_for
-from slimformer.models.load import load
+from slimformer.models.compressed import library_versions, save_compressed, weight_bytes
+from slimformer.models.load import load as _load_model
+from slimformer.plugins import load_builtin
 from slimformer.recipes import Recipe, load_recipe
+from slimformer.util.atomic import atomic_directory, check_output_dir
+
+load_builtin()
 
 DEFAULT_COMPARE_RECIPES = ("rtn-w8", "rtn-w4-g64", "rtn-w4-g32", "rtn-w3-g64")
+
+
+def load(source, dtype="float32", trust_pickle: bool = False):
+    """``(model, tokenizer)`` on CPU from a built-in name, a Hugging Face directory or id, a
+    compressed or offloadable slimformer directory, or a GGUF file."""
+    return _load_model(source, dtype=dtype, trust_pickle=trust_pickle)
 
 
 def _model_and_tokenizer(model, source_name: str | None = None):
@@ -280,12 +297,18 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     newest one (refused if it belongs to another model or recipe). The trained model is
     written into ``out`` with its ``slimformer.json`` last.
     """
+    from slimformer.core.transform import target_weights
     from slimformer.errors import OutputExistsError, TrainingError
-    from slimformer.export.atomic import publish_into
-    from slimformer.models.load import COMPRESSED_MARKER
-    from slimformer.sparsity.oneshot import target_weights
-    from slimformer.sparsity.training import describe_sparsity
-    from slimformer.train.loop import TokenBatches, Trainer, TrainConfig, list_checkpoints, run_fingerprint
+    from slimformer.models.hf import COMPRESSED_MARKER
+    from slimformer.techniques.sparsity.training import describe_sparsity
+    from slimformer.train.loop import (
+        TokenBatches,
+        TrainConfig,
+        Trainer,
+        list_checkpoints,
+        run_fingerprint,
+    )
+    from slimformer.util.atomic import publish_into
 
     recipe = _recipe(recipe)
     config = TrainConfig.parse(recipe.train, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
@@ -335,7 +358,7 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     one_shot(recipe.stages[last + 1:])
 
     sparsity = None
-    pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.sparsity")]
+    pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.techniques.sparsity")]
     if pruned:
         sparsity = describe_sparsity(target_weights(target, adapter, pruned[0].targets))
     extra = {"training": {"config": dataclasses.asdict(config), "data": text.describe(),
@@ -349,3 +372,18 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
                     extra=extra, overwrite=True)
     publish_into(tmp, out, last=COMPRESSED_MARKER)
     return TrainOutcome(target, tokenizer, recipe, result, out, sparsity)
+
+
+def study_w8a8(model, data: str, *, seqlen: int = 512, windows: int = 8, progress: bool = True,
+               source_name: str | None = None) -> dict:
+    """W8A32 vs W32A8 vs W8A8 on ``data``: weights by RTN 8-bit per output channel,
+    activations 8-bit dynamic per tensor and per token (see :mod:`slimformer.eval.study`)."""
+    from slimformer.eval.study import study_w8a8 as run_study
+    from slimformer.techniques.quant.rtn import RTN
+
+    loaded, tokenizer, _ = _model_and_tokenizer(model, source_name)
+
+    def rtn_w8(m):
+        run_transforms(m, [RTN(bits=8, granularity="channel")], progress=False)
+
+    return run_study(loaded, tokenizer, data, rtn_w8, seqlen=seqlen, windows=windows, progress=progress)

@@ -9,8 +9,9 @@ import warnings
 from pathlib import Path
 
 from slimformer.errors import SlimformerError
-from slimformer.export.atomic import check_output_dir
+from slimformer.plugins import load_builtin
 from slimformer.runtime import ENGINES
+from slimformer.util.atomic import check_output_dir
 
 TASK_CHOICES = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "stsb")
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: str | None, payload) -> None:
     if path:
-        from slimformer.export.atomic import atomic_write_text
+        from slimformer.util.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -219,7 +220,7 @@ def run(args) -> int:
 
         recipe = load_recipe(args.recipe)
         if args.budget_bits is not None:
-            from slimformer.quant.hawq import with_budget
+            from slimformer.techniques.quant.hawq import with_budget
 
             recipe = with_budget(recipe, args.budget_bits)
     if args.command in ("compress", "compare"):
@@ -268,9 +269,9 @@ def run(args) -> int:
         result = inspect_model(source[0], source[1], args)
         _write_json(args.json_path, result)
     elif args.command == "study-w8a8":
-        from slimformer.quant.study import study_w8a8
+        from slimformer import api
 
-        result = study_w8a8(source[0], source[1], args.data, args.seqlen, args.windows, progress)
+        result = api.study_w8a8(source, args.data, seqlen=args.seqlen, windows=args.windows, progress=progress)
         _write_json(args.json_path, result)
     return 0
 
@@ -427,6 +428,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    load_builtin()   # every technique, module type and exporter a command may name
     try:
         return run(args)
     except SlimformerError as exc:

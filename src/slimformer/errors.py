@@ -53,3 +53,7 @@ class SparsityConfigError(SlimformerError):
 
 class TrainingError(SlimformerError):
     """Training cannot start or resume (data too short for one batch, a checkpoint of another model or recipe)."""
+
+
+class ExportError(SlimformerError):
+    """A model cannot be written in the format asked for."""

@@ -1,9 +1,9 @@
 import pytest
 
 from slimformer.errors import RecipeError
-from slimformer.quant.rtn import RTN
 from slimformer.recipes import builtin_recipes, load_recipe
 from slimformer.recipes.schema import parse_recipe
+from slimformer.techniques.quant.rtn import RTN
 
 REQUIRED = ("rtn-w8", "rtn-w4", "rtn-w4-g128", "rtn-w4-g64", "rtn-w4-g32", "rtn-w3-g64")
 

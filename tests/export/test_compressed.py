@@ -15,10 +15,10 @@ from safetensors import safe_open
 import slimformer
 from slimformer import api
 from slimformer.errors import ModelLoadError, OutputExistsError
-from slimformer.export import compressed as C
+from slimformer.models import compressed as C
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
+from slimformer.nn.quant_linear import QuantLinear
 from slimformer.recipes.schema import parse_recipe
 
 SPECS = {

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from slimformer import kernels as K
+from slimformer.formats.primitives import fake_quantize_activation, quantize_weight
+from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.kernels import reference as R
-from slimformer.quant.primitives import fake_quantize_activation, quantize_weight
-from slimformer.quant.spec import ActSpec, WeightSpec
 
 RTOL = 1e-4
 
@@ -237,7 +237,7 @@ def _fast_forward(module, x):
     (WeightSpec(8, False, "channel"), ActSpec(8, True, "token", True)),
 ])
 def test_matches_quantlinear(spec, act):
-    from slimformer.quant.modules import QuantLinear
+    from slimformer.nn.quant_linear import QuantLinear
 
     lin = torch.nn.Linear(192, 40, bias=True)
     module = QuantLinear.from_float(lin.weight.data, lin.bias.data, spec, act)

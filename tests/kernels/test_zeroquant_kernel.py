@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from slimformer import kernels as K
+from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.kernels import reference as R
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(not K.kernels_available(), reason=f"kernels unavailable: {K.load_error()}")
 

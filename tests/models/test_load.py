@@ -12,7 +12,11 @@ import torch
 import torch.nn as nn
 
 import slimformer
-from slimformer.errors import ModelLoadError, UnsafeCheckpointError, UnsupportedArchitectureError
+from slimformer.errors import (
+    ModelLoadError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
 

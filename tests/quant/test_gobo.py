@@ -10,11 +10,12 @@ from slimformer import api
 from slimformer.cli import main
 from slimformer.core.runner import run_transforms
 from slimformer.errors import QuantConfigError, RecipeError
+from slimformer.formats.primitives import fake_quantize_weight
+from slimformer.formats.spec import WeightSpec
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.gobo import GOBO, GOBOLinear, gobo_quantize, lloyd_1d
-from slimformer.quant.primitives import fake_quantize_weight
-from slimformer.quant.spec import WeightSpec
+from slimformer.nn.gobo import GOBOLinear
 from slimformer.recipes.schema import parse_recipe
+from slimformer.techniques.quant.gobo import GOBO, gobo_linear, gobo_quantize, lloyd_1d
 
 
 def _gaussian_with_outliers(out_features=64, in_features=128, seed=0):
@@ -67,7 +68,7 @@ def test_lloyd_equals_the_direct_algorithm():
 def test_error_below_rtn_and_outliers_exact(bits, granularity, group_size):
     weight, positions, planted = _gaussian_with_outliers()
     spec = WeightSpec(bits, True, granularity, group_size)
-    module = GOBOLinear.from_float(weight, None, spec)
+    module = gobo_linear(weight, None, spec)
     restored = module.dequantized_weight()
     assert torch.equal(restored.view(-1)[positions], planted)
     assert set(positions.tolist()) <= set(module.outlier_index.tolist())
@@ -82,7 +83,7 @@ def test_weights_use_only_their_own_table_and_bytes_are_real():
     weight, _, _ = _gaussian_with_outliers(16, 64)
     spec = WeightSpec(3, True, "group", 32)
     _, centroids, flat_index, _ = gobo_quantize(weight, spec, 3.0, 20)
-    module = GOBOLinear.from_float(weight, None, spec)
+    module = gobo_linear(weight, None, spec)
     assert centroids.shape == (16, 2, 8) and module.centroids.dtype == torch.float16
     restored = module.dequantized_weight().reshape(16, 2, 32)
     inliers = torch.ones(16 * 64, dtype=torch.bool)

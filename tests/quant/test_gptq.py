@@ -11,12 +11,22 @@ from slimformer.cli import main
 from slimformer.core.runner import capture_block_inputs, run_transforms
 from slimformer.core.transform import build_transform
 from slimformer.errors import DataError, QuantConfigError, RecipeError
+from slimformer.formats.primitives import (
+    dequantize_weight,
+    fake_quantize_weight,
+    quantize_weight,
+)
+from slimformer.formats.spec import WeightSpec
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
-from slimformer.quant.gptq import GPTQ, GPTQWarning, gptq_quantize, layer_output_error, prepare_hessian
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import dequantize_weight, fake_quantize_weight, quantize_weight
-from slimformer.quant.spec import WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.techniques.quant.gptq import (
+    GPTQ,
+    GPTQWarning,
+    gptq_quantize,
+    layer_output_error,
+    prepare_hessian,
+)
 
 
 def _layer(seed=0, n=48, k=128, tokens=2048):
@@ -272,7 +282,7 @@ def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys):
     with pytest.warns(GPTQWarning, match=r"model.layers.0.self_attn.q_proj .*rank-deficient"):
         assert main([*common, "--recipe", "gptq-w4-g64", "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "slimformer.json").exists()
-    import warnings   # the CLI shows warnings as one line, like its errors
+    import warnings  # the CLI shows warnings as one line, like its errors
 
     assert warnings.formatwarning("too few tokens", GPTQWarning, "gptq.py", 1) == "slimformer: warning: too few tokens\n"
 

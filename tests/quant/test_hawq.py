@@ -11,9 +11,14 @@ from slimformer.core.runner import run_transforms
 from slimformer.core.transform import build_transform
 from slimformer.errors import QuantConfigError, RecipeError
 from slimformer.models.tiny import tiny_model
-from slimformer.quant.gptq import GPTQ
-from slimformer.quant.hawq import HAWQ, allocate_bits, average_bits, hutchinson_traces
-from slimformer.quant.rtn import RTN
+from slimformer.techniques.quant.gptq import GPTQ
+from slimformer.techniques.quant.hawq import (
+    HAWQ,
+    allocate_bits,
+    average_bits,
+    hutchinson_traces,
+)
+from slimformer.techniques.quant.rtn import RTN
 
 
 def test_hutchinson_trace_matches_the_exact_hessian_trace():

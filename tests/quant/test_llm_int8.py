@@ -11,12 +11,13 @@ import slimformer
 from slimformer import api
 from slimformer.cli import main
 from slimformer.core.runner import run_transforms
+from slimformer.formats.primitives import storable_scale
+from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.llm_int8 import Int8OutlierLinear, LLMInt8
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import storable_scale
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.nn.int8_outlier import Int8OutlierLinear
+from slimformer.nn.quant_linear import QuantLinear
 from slimformer.recipes.schema import parse_recipe
+from slimformer.techniques.quant.llm_int8 import LLMInt8
 
 W8A8 = (WeightSpec(8, True, "channel"), ActSpec(8, True, "token", True))
 

@@ -11,8 +11,9 @@ from slimformer.errors import QuantConfigError
 from slimformer.models.adapters import adapter_for
 from slimformer.models.load import load
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.mixed_precision import HiddenStateQuant, MixedPrecisionActivations
-from slimformer.quant.peg import PEGLinear
+from slimformer.nn.hidden_state import HiddenStateQuant
+from slimformer.nn.peg import PEGLinear
+from slimformer.techniques.quant.mixed_precision import MixedPrecisionActivations
 
 IDS = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))

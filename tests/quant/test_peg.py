@@ -8,14 +8,15 @@ from slimformer.api import compress
 from slimformer.cli import main
 from slimformer.core.runner import run_transforms
 from slimformer.errors import QuantConfigError, RecipeError
+from slimformer.formats.primitives import fake_quantize_weight
+from slimformer.formats.spec import WeightSpec
 from slimformer.models.adapters import adapter_for
 from slimformer.models.load import load
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.peg import PEG, ActGrid, PEGLinear, group_assignment
-from slimformer.quant.primitives import fake_quantize_weight
-from slimformer.quant.rtn import RTN
-from slimformer.quant.spec import WeightSpec
+from slimformer.nn.peg import ActGrid, PEGLinear
 from slimformer.recipes.schema import parse_recipe
+from slimformer.techniques.quant.peg import PEG, group_assignment
+from slimformer.techniques.quant.rtn import RTN
 
 IDS = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))

@@ -4,14 +4,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimformer.errors import QuantConfigError
-from slimformer.quant import packing
-from slimformer.quant.primitives import (
+from slimformer.formats import packing
+from slimformer.formats.primitives import (
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
     quantize_weight,
 )
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats.spec import ActSpec, WeightSpec
 
 specs = st.builds(
     lambda bits, sym, gran, group: WeightSpec(bits, sym, gran, group if gran == "group" else None),

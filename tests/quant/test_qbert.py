@@ -12,13 +12,17 @@ from slimformer import api
 from slimformer.cli import main
 from slimformer.core.runner import run_transforms
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight
+from slimformer.formats.primitives import fake_quantize_weight
+from slimformer.formats.spec import WeightSpec
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import fake_quantize_weight
-from slimformer.quant.qbert import QBERT, quantize_column_groups, quantize_row_groups
-from slimformer.quant.rtn import RTN
-from slimformer.quant.spec import WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight
+from slimformer.techniques.quant.qbert import (
+    QBERT,
+    quantize_column_groups,
+    quantize_row_groups,
+)
+from slimformer.techniques.quant.rtn import RTN
 
 
 def _group_values(scale: torch.Tensor, groups: int, axis: str) -> list[torch.Tensor]:

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import fake_quantize_activation, fake_quantize_weight
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats.primitives import fake_quantize_activation, fake_quantize_weight
+from slimformer.formats.spec import ActSpec, WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
 
 
 @pytest.mark.parametrize("spec", [WeightSpec(8, True, "channel"), WeightSpec(4, True, "group", 16),

@@ -3,12 +3,12 @@ import torch
 
 from slimformer.core.runner import run_transforms
 from slimformer.core.transform import Targets
+from slimformer.formats.primitives import fake_quantize_weight
 from slimformer.models.adapters import adapter_for
-from slimformer.models.surgery import linear_weight
 from slimformer.models.tiny import TINY_FAMILIES, tiny_model
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import fake_quantize_weight
-from slimformer.quant.rtn import RTN
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight
+from slimformer.techniques.quant.rtn import RTN
 
 
 def _outputs(model, ids):

@@ -10,12 +10,17 @@ from slimformer.core.transform import Targets
 from slimformer.errors import QuantConfigError
 from slimformer.models.adapters import adapter_for
 from slimformer.models.load import load
-from slimformer.models.surgery import linear_weight
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.rtn import RTN
-from slimformer.quant.smoothquant import InputScaledLinear, SmoothQuant, smoothing_scales, w8a8_error
+from slimformer.nn.input_scaled import InputScaledLinear
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight
 from slimformer.recipes import Recipe
+from slimformer.techniques.quant.rtn import RTN
+from slimformer.techniques.quant.smoothquant import (
+    SmoothQuant,
+    smoothing_scales,
+    w8a8_error,
+)
 
 IDS = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))

@@ -22,13 +22,13 @@ from slimformer.cli import main
 from slimformer.core.runner import run_transforms
 from slimformer.core.transform import build_transform
 from slimformer.errors import QuantConfigError, RecipeError
+from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.rtn import RTN
-from slimformer.quant.spec import ActSpec, WeightSpec
-from slimformer.quant.zeroquant import ZeroQuant
+from slimformer.nn.quant_linear import QuantLinear
 from slimformer.runtime.decoder import NativeDecoder
+from slimformer.techniques.quant.rtn import RTN
+from slimformer.techniques.quant.zeroquant import ZeroQuant
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimformer.report import pareto_front, write_report
-from slimformer.report import plots
+from slimformer.report import pareto_front, plots, write_report
 
 FILES = {"report.json", "report.md", "report.html"}
 

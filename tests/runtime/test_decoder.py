@@ -7,13 +7,19 @@ import pytest
 import torch
 
 from slimformer.core.runner import run_transforms
+from slimformer.errors import UnsupportedArchitectureError
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import tiny_model
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.rtn import RTN
+from slimformer.nn.quant_linear import QuantLinear
 from slimformer.runtime import weights as W
-from slimformer.runtime.decoder import GenerationError, NativeDecoder, _c_linear, _gguf_row_order, native_library
-from slimformer.errors import UnsupportedArchitectureError
+from slimformer.runtime.decoder import (
+    GenerationError,
+    NativeDecoder,
+    _c_linear,
+    _gguf_row_order,
+    native_library,
+)
+from slimformer.techniques.quant.rtn import RTN
 
 ATOL = 1e-4  # fp32, different summation order from torch's GEMMs
 

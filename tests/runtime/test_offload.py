@@ -14,7 +14,12 @@ import torch
 
 import slimformer
 from slimformer import api
-from slimformer.errors import MemoryBudgetError, ModelLoadError, OutputExistsError, SlimformerError
+from slimformer.errors import (
+    MemoryBudgetError,
+    ModelLoadError,
+    OutputExistsError,
+    SlimformerError,
+)
 from slimformer.eval.perplexity import perplexity
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
 from slimformer.recipes.schema import parse_recipe

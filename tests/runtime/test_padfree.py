@@ -18,8 +18,7 @@ from slimformer.errors import DataError, UnsupportedArchitectureError
 from slimformer.eval.embeddings import encode
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.rtn import RTN
+from slimformer.nn.quant_linear import QuantLinear
 from slimformer.runtime.padfree import (
     ATTENTION_KINDS,
     PackedBatch,
@@ -28,6 +27,7 @@ from slimformer.runtime.padfree import (
     padfree_encode,
     padfree_sentence_embeddings,
 )
+from slimformer.techniques.quant.rtn import RTN
 
 ATOL = 1e-5
 

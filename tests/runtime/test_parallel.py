@@ -7,14 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.errors import ParallelConfigError
+from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.models.adapters.base import adapter_for
-from slimformer.models.surgery import linear_weight, set_module
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec, WeightSpec
-from slimformer.runtime.parallel import (ColumnParallelLinear, RowParallelLinear, greedy_generate,
-                                         plan_tensor_parallel, run_tensor_parallel, tensor_parallel,
-                                         tp_forward, tp_generate_greedy)
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight, set_module
+from slimformer.runtime.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    greedy_generate,
+    plan_tensor_parallel,
+    run_tensor_parallel,
+    tensor_parallel,
+    tp_forward,
+    tp_generate_greedy,
+)
 
 ATOL = 1e-5   # fp32; the all-reduce only reorders sums
 

@@ -6,11 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimformer import api
+from slimformer.core.transform import target_weights
 from slimformer.errors import RecipeError, SparsityConfigError
-from slimformer.models.adapters import adapter_for
-from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.recipes.schema import parse_recipe
-from slimformer.sparsity.masks import (
+from slimformer.formats.masks import (
     global_threshold,
     is_nm,
     kept_magnitude,
@@ -18,7 +16,9 @@ from slimformer.sparsity.masks import (
     nm_mask,
     threshold_mask,
 )
-from slimformer.sparsity.oneshot import target_weights
+from slimformer.models.adapters import adapter_for
+from slimformer.models.tiny import tiny_model, tiny_tokenizer
+from slimformer.recipes.schema import parse_recipe
 
 
 @settings(max_examples=40, deadline=None)
@@ -120,7 +120,7 @@ def test_training_recipe_is_refused_by_compress():
 
 def test_sparse_storage_stage_saves_fewer_bytes_and_loads_the_same_model(tmp_path):
     import slimformer
-    from slimformer.export.compressed import weight_bytes
+    from slimformer.models.compressed import weight_bytes
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     ids = torch.randint(0, 300, (1, 16))

@@ -9,11 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimformer.errors import SparsityConfigError
-from slimformer.models.adapters import adapter_for
-from slimformer.models.tiny import tiny_model
-from slimformer.sparsity.masks import kept_magnitude, nm_mask
-from slimformer.sparsity.permutation import (
+from slimformer.core.permutation import (
     _heads,
     _permute_qk,
     _reorder_inputs,
@@ -27,6 +23,10 @@ from slimformer.sparsity.permutation import (
     permute_value_heads,
     search_permutation,
 )
+from slimformer.errors import SparsityConfigError
+from slimformer.formats.masks import kept_magnitude, nm_mask
+from slimformer.models.adapters import adapter_for
+from slimformer.models.tiny import tiny_model
 
 FAMILIES = ("llama", "opt", "bert", "gpt2")
 
@@ -321,7 +321,7 @@ def test_permute_block_for_nm_keeps_more_and_the_function(family):
     report = permute_block_for_nm(block, adapter, model.config, 2, 4, max_rounds=30)
     assert set(report) == {down_name, o_name}
     torch.testing.assert_close(run(), ref, rtol=0, atol=1e-10)
-    from slimformer.models.surgery import linear_weight
+    from slimformer.nn.surgery import linear_weight
     for name, (before, after) in report.items():
         assert after > before
         assert after == pytest.approx(kept(linear_weight(block.get_submodule(name)).float(), 2, 4), abs=1e-6)

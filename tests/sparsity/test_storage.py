@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.errors import SparsityConfigError
-from slimformer.export.compressed import (
+from slimformer.formats import packing
+from slimformer.formats.masks import is_nm, magnitude_mask, nm_mask
+from slimformer.models.adapters import adapter_for
+from slimformer.models.compressed import (
     load_compressed,
     save_compressed,
     swapped_modules,
 )
-from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.quant import packing
-from slimformer.sparsity import storage
-from slimformer.sparsity.masks import is_nm, magnitude_mask, nm_mask
-from slimformer.sparsity.storage import SparseLinear, sparsify_linears
+from slimformer.nn import sparse as storage
+from slimformer.nn.sparse import SparseLinear, sparsify_linears
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

@@ -8,12 +8,18 @@ import torch
 
 import slimformer
 from slimformer.cli import main
+from slimformer.core.transform import target_weights
 from slimformer.data import load_text, tokenize
+from slimformer.formats.masks import is_nm
 from slimformer.models.adapters import adapter_for
 from slimformer.models.tiny import tiny_model, tiny_tokenizer
-from slimformer.sparsity.masks import is_nm
-from slimformer.sparsity.oneshot import target_weights
-from slimformer.sparsity.training import GMP, STE, SRSTE, IterativePruning, TopKAST
+from slimformer.techniques.sparsity.training import (
+    GMP,
+    SRSTE,
+    STE,
+    IterativePruning,
+    TopKAST,
+)
 from slimformer.train import TokenBatches, TrainConfig, Trainer
 
 

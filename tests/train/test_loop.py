@@ -96,9 +96,9 @@ def test_distillation_training_moves_the_student_towards_the_teacher(tokens):
 
 
 def test_resume_reproduces_an_uninterrupted_run(tokens, tmp_path):
-    from slimformer.sparsity.training import GMP, GMPHook
-    from slimformer.sparsity.oneshot import target_weights
+    from slimformer.core.transform import target_weights
     from slimformer.models.adapters import adapter_for
+    from slimformer.techniques.sparsity.training import GMP, GMPHook
 
     def hooked(model, steps):
         return [GMPHook(target_weights(model, adapter_for(model), GMP().targets), GMP(every=2), steps)]

@@ -14,10 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 
 from slimformer.errors import RecipeError
 from slimformer.models.adapters import Adapter
+from slimformer.nn.surgery import linear_weight
 
 
 class Needs(enum.Enum):
@@ -159,28 +161,15 @@ def register(cls: type[Transform]) -> type[Transform]:
     return cls
 
 
-# Module types a saved model may hold (QuantLinear and the techniques' own modules):
-# each has ``config() -> dict`` and ``from_config(cfg, dtype)``; saved by class name.
-MODULE_TYPES: dict[str, type[nn.Module]] = {}
-
-
-def register_module_type(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: compressed directories may hold ``cls``."""
-    MODULE_TYPES[cls.__name__] = cls
-    return cls
-
-
 def registered() -> dict[str, type[Transform]]:
     return dict(_REGISTRY)
 
 
 def build_transform(name: str, args: dict | None) -> Transform:
     """A Transform from a recipe stage; every error names the key."""
-    import slimformer.quant  # noqa: F401  (registers the quantisation techniques)
-    import slimformer.sparsity  # noqa: F401  (and the pruning ones)
-
     if name not in _REGISTRY:
-        raise RecipeError(f"unknown technique '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+        known = ", ".join(sorted(_REGISTRY)) or "none: slimformer.plugins.load_builtin() registers the built-in ones"
+        raise RecipeError(f"unknown technique '{name}' (known: {known})")
     cls = _REGISTRY[name]
     args = dict(args or {})
     hints = typing.get_type_hints(cls)
@@ -238,3 +227,12 @@ def _hint_name(hint) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+def target_weights(model: nn.Module, adapter, targets) -> dict[str, torch.Tensor]:
+    """Full name → ``[out, in]`` weight of every projection ``targets`` selects, all blocks."""
+    found = {}
+    for index, block in enumerate(adapter.get_blocks(model)):
+        for name in targets.select(adapter.linears, index):
+            found[f"{adapter.blocks}.{index}.{name}"] = linear_weight(block.get_submodule(name))
+    return found

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimformer.cache import cache_root
 from slimformer.data.sources import TextSource, load_text
 from slimformer.errors import DataError
+from slimformer.util.cache import cache_root
 
 _MEMORY_CACHE: dict[str, torch.Tensor] = {}
 

@@ -128,7 +128,10 @@ def measure_speed(model, prompt_len: int = 512, new_tokens: int = 32, repeats: i
 def measure_in_subprocess(source: str, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
                           threads: int | None = None, timeout: float = 1800) -> dict:
     """Speed and peak RSS of ``source`` (anything ``slimformer.load`` takes), measured in a child."""
-    cmd = [sys.executable, "-m", "slimformer.eval.cost", str(source), str(prompt_len), str(new_tokens), str(repeats)]
+    # The child is a fresh program: like the CLI, it loads the plugins before reading a saved model.
+    child = ("import sys; from slimformer.plugins import load_builtin; load_builtin(); "
+             "from slimformer.eval.cost import _child; _child(sys.argv[1:])")
+    cmd = [sys.executable, "-c", child, str(source), str(prompt_len), str(new_tokens), str(repeats)]
     env = dict(os.environ)
     if threads:
         env["SLIMFORMER_THREADS"] = str(threads)
@@ -153,6 +156,3 @@ def _child(argv: list[str]) -> None:
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
-
-if __name__ == "__main__":
-    _child(sys.argv[1:])

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from slimformer.cache import cache_root
+from slimformer.util.cache import cache_root
 
 _SRC = Path(__file__).with_name("_kernels.cpp")
 # -ffp-contract=off: a written a * b + c stays two roundings (as torch computes the

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimformer.quant.primitives import dequantize_weight
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats.primitives import dequantize_weight
+from slimformer.formats.spec import ActSpec, WeightSpec
 
 
 def int8_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int = 8,
@@ -46,7 +46,7 @@ def int4_linear(x, codes, scale, zero, group_size, symmetric, bias=None, bits=4)
 def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric int8 per token, as primitives.fake_quantize_activation:
     returns (q int ``[M, K]`` as int32, scale ``[M, 1]``)."""
-    from slimformer.quant.primitives import activation_scale
+    from slimformer.formats.primitives import activation_scale
 
     spec = ActSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
     x2 = x.reshape(-1, x.shape[-1]).float()

@@ -11,37 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from slimformer.errors import ModelLoadError, UnsafeCheckpointError, UnsupportedArchitectureError
-from slimformer.models.adapters import adapter_for
+from slimformer.errors import (
+    ModelLoadError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
 from slimformer.models.builtin import BUILTINS, builtin_path
+from slimformer.models.hf import (
+    COMPRESSED_MARKER,
+    first_line,
+    model_class,
+    resolve_dtype,
+)
 
-COMPRESSED_MARKER = "slimformer.json"
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}' (choose from {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
-def _model_class(config):
-    """Decoders load with their LM head; encoders as the bare encoder (embeddings)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    return AutoModelForCausalLM if adapter_for(config).is_decoder else AutoModel
 
 
 def _quiet_transformers():
@@ -64,7 +53,7 @@ def load(source: str | os.PathLike, dtype="float32", trust_pickle: bool = False)
     path = builtin_path(name) if name in BUILTINS else Path(name).expanduser()
 
     if path.is_dir() and (path / COMPRESSED_MARKER).exists():
-        from slimformer.export.compressed import load_compressed
+        from slimformer.models.compressed import load_compressed
 
         model, tokenizer = load_compressed(path, torch_dtype)
     elif path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
@@ -103,14 +92,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # corrupt header, unknown GGUF architecture
-        raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
-    cls = _model_class(config)
+        raise ModelLoadError(f"cannot read GGUF {path}: {first_line(exc)}") from None
+    cls = model_class(config)
     try:
         with _no_gguf_progress_bar():
             model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot read GGUF {path}: {first_line(exc)}") from None
     return model, tokenizer
 
 
@@ -150,8 +139,8 @@ def _load_hf(name: str, dtype: torch.dtype, trust_pickle: bool, local: bool):
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read model config of {name}: {_first_line(exc)}") from None
-    cls = _model_class(config)  # raises UnsupportedArchitectureError first
+        raise ModelLoadError(f"cannot read model config of {name}: {first_line(exc)}") from None
+    cls = model_class(config)  # raises UnsupportedArchitectureError first
     kwargs = {"dtype": dtype}
     if not trust_pickle:
         kwargs["use_safetensors"] = True
@@ -161,17 +150,7 @@ def _load_hf(name: str, dtype: torch.dtype, trust_pickle: bool, local: bool):
     except UnsupportedArchitectureError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {name}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load {name}: {first_line(exc)}") from None
     return model, tokenizer
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def read_compressed_config(path: Path) -> dict:
-    try:
-        return json.loads((path / COMPRESSED_MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {_first_line(exc)}") from None

@@ -14,6 +14,7 @@ TINY_VOCAB = 384
 def tiny_tokenizer():
     """A byte-level BPE trained on CPython's documentation (always installed)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

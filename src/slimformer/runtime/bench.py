@@ -97,7 +97,7 @@ def dequantised_counterpart(model, decoder: NativeDecoder):
     """The Hugging Face model computing what ``decoder`` encodes, the reference way:
     QuantLinear layers dequantise then ``F.linear`` (``forward_reference``), and an LM head
     the runtime rounded itself is replaced by its dequantised weight. Changes ``model``."""
-    from slimformer.quant.modules import QuantLinear
+    from slimformer.nn.quant_linear import QuantLinear
 
     for m in model.modules():
         if isinstance(m, QuantLinear):

@@ -19,7 +19,12 @@ import torch
 
 from slimformer.errors import SlimformerError
 from slimformer.runtime import ENGINES
-from slimformer.runtime.decoder import GenerationError, NativeDecoder, check_supported, gguf_source_path
+from slimformer.runtime.decoder import (
+    GenerationError,
+    NativeDecoder,
+    check_supported,
+    gguf_source_path,
+)
 from slimformer.runtime.weights import UnsupportedFormat
 
 

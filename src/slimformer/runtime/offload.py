@@ -32,11 +32,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimformer.errors import MemoryBudgetError, ModelLoadError
-from slimformer.export.atomic import atomic_directory
-from slimformer.export.compressed import MODULE_TYPES, library_versions, swapped_modules
 from slimformer.models.adapters import adapter_for
-from slimformer.models.load import COMPRESSED_MARKER, _first_line, _model_class, read_compressed_config
-from slimformer.models.surgery import set_module
+from slimformer.models.compressed import MODULE_TYPES, library_versions, swapped_modules
+from slimformer.models.hf import (
+    COMPRESSED_MARKER,
+    first_line,
+    model_class,
+    read_compressed_config,
+)
+from slimformer.nn.surgery import set_module
+from slimformer.util.atomic import atomic_directory
 
 OFFLOAD_MARKER = "offload.json"
 FORMAT_VERSION = 1
@@ -356,7 +361,7 @@ def _index(directory: Path) -> tuple[dict[str, str], dict, torch.dtype | None]:
         try:
             meta = json.loads((directory / OFFLOAD_MARKER).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"corrupt {OFFLOAD_MARKER} in {directory}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"corrupt {OFFLOAD_MARKER} in {directory}: {first_line(exc)}") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise ModelLoadError(f"{directory}: unsupported offload format {meta.get('format_version')!r}")
         files = [meta["rest_file"], *meta["block_files"]]
@@ -377,7 +382,7 @@ def _index(directory: Path) -> tuple[dict[str, str], dict, torch.dtype | None]:
                 for key in f.keys():
                     index[key] = str(path)
         except Exception as exc:
-            raise ModelLoadError(f"cannot read {path}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot read {path}: {first_line(exc)}") from None
     return index, meta, dtype
 
 
@@ -389,14 +394,14 @@ def _skeleton(directory: Path, meta: dict, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
-        raise ModelLoadError(f"cannot read model config of {directory}: {_first_line(exc)}") from None
-    cls = _model_class(config)   # raises UnsupportedArchitectureError
+        raise ModelLoadError(f"cannot read model config of {directory}: {first_line(exc)}") from None
+    cls = model_class(config)   # raises UnsupportedArchitectureError
     try:
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, dtype=dtype)
         model.tie_weights()
     except Exception as exc:
-        raise ModelLoadError(f"cannot rebuild model from {directory}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot rebuild model from {directory}: {first_line(exc)}") from None
     for name, cfg in meta.get("modules", {}).items():
         module_cls = MODULE_TYPES.get(cfg.get("type"))
         if module_cls is None:
@@ -516,7 +521,7 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except Exception as exc:
-            raise ModelLoadError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot load tokenizer from {directory}: {first_line(exc)}") from None
     return model, tokenizer
 
 

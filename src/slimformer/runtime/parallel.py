@@ -25,6 +25,7 @@ the cores and add communication); it exists to split a model across machines or 
 
 from __future__ import annotations
 
+import importlib
 import os
 import queue as queue_module
 import socket
@@ -39,12 +40,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slimformer.errors import ParallelConfigError, SlimformerError
+from slimformer.formats import packing
+from slimformer.formats.primitives import choose_qparams, fake_quantize_activation
+from slimformer.formats.spec import ActSpec
 from slimformer.models.adapters.base import Adapter, adapter_for
-from slimformer.models.surgery import is_linear, linear_weight, set_module
-from slimformer.quant import packing
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import choose_qparams, fake_quantize_activation
-from slimformer.quant.spec import ActSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.registry import registered_modules
+from slimformer.nn.surgery import is_linear, linear_weight, set_module
 
 # Attention-module attributes that count heads or head-sized features and are read at
 # forward time by some family (OPT views with num_heads, GPT-2 splits c_attn by
@@ -407,10 +409,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, timeout_s: float,
-            fn: Callable, args: tuple, results, done) -> None:
+            fn: Callable, args: tuple, results, done, plugin_modules: tuple[str, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
+        for name in plugin_modules:   # the module types the parent knows, so saved models load here too
+            importlib.import_module(name)
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -466,7 +470,7 @@ def run_tensor_parallel(fn: Callable, world_size: int, *args, backend: str | Non
     results, done = ctx.Queue(), ctx.Event()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(rank, world_size, port, backend, threads, timeout_s, fn, args,
-                                               results, done), daemon=True)
+                                               results, done, registered_modules()), daemon=True)
              for rank in range(world_size)]
     for p in procs:
         p.start()

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec
+from slimformer.formats.spec import ActSpec
+from slimformer.nn.quant_linear import QuantLinear
 
 F32, Q8, Q4, Q8A8, Q8A8G = 0, 1, 2, 3, 4
 KIND_NAMES = {F32: "fp32", Q8: "int8", Q4: "int4", Q8A8: "w8a8", Q8A8G: "w8a8-group"}
@@ -165,7 +165,7 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
 def quantize_rtn(name: str, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> RtLinear:
     """Round an fp32 weight to ``bits`` per output row (symmetric RTN, the same rounding
     and fp16 scales as ``slimformer.quant``) and return it in the runtime layout."""
-    from slimformer.quant.spec import WeightSpec
+    from slimformer.formats.spec import WeightSpec
 
     module = QuantLinear.from_float(weight.detach().float(), bias, WeightSpec(bits=bits))
     return from_quant_linear(name, module)

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from slimformer.errors import RecipeError, TrainingError
-from slimformer.export.atomic import atomic_directory
 from slimformer.train.hooks import TrainHook
+from slimformer.util.atomic import atomic_directory
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

@@ -26,9 +26,9 @@ from typing import Literal
 
 import torch
 
-from slimformer.core.transform import Needs, Transform, register
+from slimformer.core.transform import Needs, Transform, register, target_weights
 from slimformer.errors import SparsityConfigError
-from slimformer.sparsity.masks import (
+from slimformer.formats.masks import (
     check_nm,
     check_sparsity,
     global_threshold,
@@ -37,7 +37,6 @@ from slimformer.sparsity.masks import (
     sparsity_of,
     threshold_mask,
 )
-from slimformer.sparsity.oneshot import target_weights
 from slimformer.train.hooks import TrainHook
 
 

@@ -25,64 +25,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from slimformer.core.transform import BlockContext, Needs, Transform, register, register_module_type
+from slimformer.core.observers import InputRangeObserver
+from slimformer.core.transform import BlockContext, Needs, Transform, register
 from slimformer.errors import QuantConfigError
+from slimformer.formats.spec import WeightSpec
 from slimformer.models.adapters import Adapter
-from slimformer.models.surgery import set_module
-from slimformer.quant.peg import ActGrid, InputRangeObserver, PEGLinear, float_weight, static_group_params
-from slimformer.quant.primitives import fake_quantize_activation
-from slimformer.quant.spec import WeightSpec
+from slimformer.nn.hidden_state import HiddenStateQuant
+from slimformer.nn.peg import ActGrid, PEGLinear, float_weight, static_group_params
+from slimformer.nn.surgery import set_module
 
 FFN_RESIDUAL = "ffn_residual"
 _POINT_MODULE = "ffn_residual_quant"   # the HiddenStateQuant child's name
-
-
-@register_module_type
-class HiddenStateQuant(nn.Module):
-    """Static per-tensor fake quantisation of its parent module's output (``where:
-    output``) or first input (``where: input``), applied by a hook on the parent that
-    :meth:`attach_to_parent` installs whenever the module is placed (``set_module``:
-    while compressing and when a saved model is loaded).
-
-    Buffers: ``scale``, ``zero`` (float32 scalars)."""
-
-    def __init__(self, grid: ActGrid, where: str):
-        super().__init__()
-        if where not in ("input", "output"):
-            raise ValueError(f"where must be input or output, got {where!r}")
-        self.grid, self.where = grid, where
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero", torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_activation(x, self.grid, self.scale, self.zero)
-
-    def attach_to_parent(self, parent: nn.Module) -> None:
-        hooks = parent._forward_hooks if self.where == "output" else parent._forward_pre_hooks
-        if any(getattr(hook, "__self__", None) is self for hook in hooks.values()):
-            return
-        if self.where == "output":
-            parent.register_forward_hook(self._quantize_output)
-        else:
-            parent.register_forward_pre_hook(self._quantize_input)
-
-    def _quantize_output(self, _module, _args, output):
-        if isinstance(output, tuple):   # blocks of older transformers return (hidden, ...)
-            return (self(output[0]),) + output[1:]
-        return self(output)
-
-    def _quantize_input(self, _module, args):
-        return (self(args[0]),) + tuple(args[1:])
-
-    def extra_repr(self) -> str:
-        return f"a{self.grid.bits}-static, {self.where}"
-
-    def config(self) -> dict:
-        return {"type": "HiddenStateQuant", "act": self.grid.to_dict(), "where": self.where}
-
-    @classmethod
-    def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "HiddenStateQuant":
-        return cls(ActGrid(**cfg["act"]), cfg["where"])
 
 
 def ffn_residual_point(model: nn.Module, adapter: Adapter, block: nn.Module) -> tuple[str, str]:

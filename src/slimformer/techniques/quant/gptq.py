@@ -28,14 +28,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from slimformer.core.plan import planned_bits
 from slimformer.core.transform import BlockContext, Needs, Transform, register
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight, set_module
-from slimformer.quant.hawq import planned_bits
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import choose_qparams, fake_quantize_activation, storable_scale
-from slimformer.quant.rtn import static_act_params
-from slimformer.quant.spec import QuantFormat, WeightSpec
+from slimformer.formats.primitives import (
+    choose_qparams,
+    fake_quantize_activation,
+    static_act_params,
+    storable_scale,
+)
+from slimformer.formats.spec import QuantFormat, WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight, set_module
 
 _CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 … 0.6
 _MAX_DAMPENING_STEPS = 6

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from slimformer.core.transform import BlockContext, Needs, Transform, register
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight
-from slimformer.quant.primitives import fake_quantize_weight
-from slimformer.quant.spec import WeightSpec
+from slimformer.formats.primitives import fake_quantize_weight
+from slimformer.formats.spec import WeightSpec
+from slimformer.nn.surgery import linear_weight
 
 _DP_UNITS = 20000   # budget resolution of the knapsack (layer sizes are rounded up to it)
 
@@ -187,21 +187,6 @@ def allocate_bits(cost: dict[str, list[float]], sizes: dict[str, int], choices: 
         bits[names[li]] = choices[ci]
         end -= int(np.ceil(choices[ci] * sizes[names[li]] / unit - 1e-9))
     return dict(reversed(list(bits.items())))
-
-
-def planned_bits(ctx: BlockContext, name: str, default: int, spec: WeightSpec) -> int:
-    """The bits a HAWQ stage planned for layer ``name`` of this block (else ``default``);
-    the quantising stage must use the format HAWQ measured errors with."""
-    planned = ctx.plan.get("bits", {})
-    if not planned:
-        return default
-    fmt = (spec.granularity, spec.group_size, spec.symmetric)
-    if ctx.plan.get("bits_format") != fmt:
-        measured = ctx.plan.get("bits_format")
-        raise QuantConfigError(f"HAWQ allocated bits for granularity {measured[0]}, group_size {measured[1]}, "
-                               f"symmetric {measured[2]}, but the quantising stage uses {fmt[0]}, {fmt[1]}, "
-                               f"{fmt[2]}: give both stages the same format")
-    return planned.get(f"{ctx.prefix}.{name}", default)
 
 
 def with_budget(recipe, budget_bits: float):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from slimformer.errors import QuantConfigError
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats.spec import ActSpec, WeightSpec
 
 _EPS = 1e-12
 _MIN_STORED_SCALE = 2.0**-24   # the smallest float16 subnormal: a stored scale is never 0
@@ -122,3 +122,14 @@ def fake_quantize_activation(
     lo, hi = (spec.qmin, spec.qmax)
     q = (torch.round(x.float() / scale) + zero).clamp(lo, hi)
     return ((q - zero) * scale).to(x.dtype)
+
+
+def static_act_params(lo: float, hi: float, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scale and zero-point covering the observed range [lo, hi]."""
+    from slimformer.formats.primitives import choose_qparams
+
+    observed = torch.tensor([[min(lo, 0.0), max(hi, 0.0)]])
+    if spec.symmetric:
+        observed = observed.abs()
+    scale, zero = choose_qparams(observed, spec.bits, spec.symmetric)
+    return scale.reshape(()), zero.reshape(())

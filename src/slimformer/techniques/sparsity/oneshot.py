@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 
-from slimformer.core.transform import BlockContext, Transform, register
-from slimformer.models.surgery import linear_weight
-from slimformer.sparsity.masks import (
+from slimformer.core.transform import BlockContext, Transform, register, target_weights
+from slimformer.formats.masks import (
     check_nm,
     check_sparsity,
     global_threshold,
@@ -27,15 +25,7 @@ from slimformer.sparsity.masks import (
     sparsity_of,
     threshold_mask,
 )
-
-
-def target_weights(model: nn.Module, adapter, targets) -> dict[str, torch.Tensor]:
-    """Full name → ``[out, in]`` weight of every projection ``targets`` selects, all blocks."""
-    found = {}
-    for index, block in enumerate(adapter.get_blocks(model)):
-        for name in targets.select(adapter.linears, index):
-            found[f"{adapter.blocks}.{index}.{name}"] = linear_weight(block.get_submodule(name))
-    return found
+from slimformer.nn.surgery import linear_weight
 
 
 def _prune(weight: torch.Tensor, mask: torch.Tensor, ctx: BlockContext, name: str) -> None:
@@ -94,7 +84,7 @@ class NMSparsity(Transform):
 
     def convert(self, block, ctx):
         if self.permute:
-            from slimformer.sparsity.permutation import permute_block_for_nm
+            from slimformer.core.permutation import permute_block_for_nm
 
             before_after = permute_block_for_nm(block, ctx.adapter, ctx.model.config, self.n, self.m,
                                                 max_rounds=self.search_rounds, seed=self.seed + ctx.index)
@@ -127,8 +117,8 @@ class SparseStorage(Transform):
             raise ValueError("format nm needs n and m")
 
     def convert(self, block, ctx):
-        from slimformer.models.surgery import set_module
-        from slimformer.sparsity.storage import SparseLinear
+        from slimformer.nn.sparse import SparseLinear
+        from slimformer.nn.surgery import set_module
 
         for name, module in self.target_linears(block, ctx).items():
             sparse = SparseLinear.from_linear(module, self.format, self.n, self.m, self.dtype, f"{ctx.prefix}.{name}")

@@ -1,15 +1,5 @@
-"""PEG (Bondarenko 2021): per-embedding-group static activation quantisation.
-
-The input dimensions of each target Linear are split into K equal groups, each with
-one static scale and zero-point calibrated from the min/max of its dimensions. With
-``permute`` the groups come from a range-based permutation: dimensions sorted by their
-calibrated range, so the few outlier dimensions share a group instead of stretching the
-grid of every other dimension. The permutation is stored as a per-dimension group
-index, so nothing is reordered at run time. Weights: round to nearest, 8 bits per
-output channel, packed as QuantLinear packs them.
-
-``PEGLinear`` is also the layer of mixed 16/8-bit activations (one group, 8 or 16 bits).
-"""
+"""PEGLinear and the static activation grid: the input is quantised with static parameters
+shared by groups of its dimensions (PEG; mixed 16/8 keeps the grid for hidden states)."""
 
 from __future__ import annotations
 
@@ -19,15 +9,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimformer.core.transform import BlockContext, Needs, Transform, register, register_module_type
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight, set_module
-from slimformer.quant import packing
-from slimformer.quant.primitives import choose_qparams, dequantize_weight, fake_quantize_activation, quantize_weight
-from slimformer.quant.spec import WeightSpec, _IntegerGrid
-
+from slimformer.formats import packing
+from slimformer.formats.primitives import (
+    choose_qparams,
+    dequantize_weight,
+    fake_quantize_activation,
+    quantize_weight,
+)
+from slimformer.formats.spec import WeightSpec, _IntegerGrid
+from slimformer.nn.registry import register_module_type
+from slimformer.nn.surgery import linear_weight
 
 W8_PER_CHANNEL = WeightSpec(8, True, "channel")
+
 
 
 def float_weight(module: nn.Module, path: str) -> torch.Tensor:
@@ -38,6 +33,7 @@ def float_weight(module: nn.Module, path: str) -> torch.Tensor:
     except TypeError:
         raise QuantConfigError(f"{path}: needs a float layer, found {type(module).__name__} "
                                "(an earlier stage already quantised it)") from None
+
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,7 @@ class ActGrid(_IntegerGrid):
             raise QuantConfigError(f"activation bits must be from 2 to 16, got {self.bits!r}")
 
 
+
 def static_group_params(lo: torch.Tensor, hi: torch.Tensor, grid: ActGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero-point covering each observed range ``[lo_g, hi_g]``
     (``[K]`` each; the grid always holds 0). Same arithmetic as RTN's per-tensor
@@ -62,20 +59,6 @@ def static_group_params(lo: torch.Tensor, hi: torch.Tensor, grid: ActGrid) -> tu
         observed = observed.abs()
     return choose_qparams(observed, grid.bits, grid.symmetric)
 
-
-def group_assignment(lo: torch.Tensor, hi: torch.Tensor, groups: int, permute: bool, symmetric: bool) -> torch.Tensor:
-    """The group of each input dimension: contiguous blocks of ``in/groups`` dimensions,
-    or, with ``permute``, blocks of the dimensions sorted by calibrated range (what sets
-    the scale: max |x| when symmetric, max − min otherwise)."""
-    n = lo.numel()
-    rank_to_group = torch.arange(n) // (n // groups)
-    if not permute:
-        return rank_to_group
-    spread = torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo
-    order = torch.argsort(spread.float(), stable=True)
-    group = torch.empty(n, dtype=torch.long)
-    group[order] = rank_to_group
-    return group
 
 
 @register_module_type
@@ -160,80 +143,3 @@ class PEGLinear(nn.Module):
     def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "PEGLinear":
         return cls(cfg["in_features"], cfg["out_features"], cfg["groups"], ActGrid(**cfg["act"]),
                    WeightSpec(**cfg["weight"]), cfg["bias"], dtype)
-
-
-class InputRangeObserver:
-    """Running per-dimension min/max of the inputs of some Linears (forward pre-hooks)."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.lo: dict[str, torch.Tensor] = {}
-        self.hi: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def observe(_module, args):
-            x = args[0].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            lo, hi = x.amin(0), x.amax(0)
-            self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
-            self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)
-        return observe
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-@register
-@dataclass(frozen=True)
-class PEG(Transform):
-    """Per-embedding-group activation quantisation (``bits``, static, ``groups`` groups
-    of input dimensions, range-sorted when ``permute``) with 8-bit per-channel weights."""
-
-    groups: int = 6
-    permute: bool = True
-    bits: int = 8                 # activation bits
-    act_symmetric: bool = True
-    weight_bits: int = 8
-    needs = Needs.CALIBRATION
-
-    def __post_init__(self):
-        if not isinstance(self.groups, int) or self.groups < 1:
-            raise QuantConfigError(f"groups must be a positive integer, got {self.groups!r}")
-        self.act_grid()
-        self.weight_spec()
-
-    def act_grid(self) -> ActGrid:
-        if self.bits > 8:
-            raise QuantConfigError(f"PEG activation bits must be from 2 to 8, got {self.bits}")
-        return ActGrid(self.bits, self.act_symmetric)
-
-    def weight_spec(self) -> WeightSpec:
-        return WeightSpec(self.weight_bits, True, "channel")
-
-    def plan_model(self, model, adapter, calib, plan) -> None:
-        """Refuse, before any block changes, a group count that does not divide a layer."""
-        for index, block in enumerate(adapter.get_blocks(model)):
-            for name in self.targets.select(adapter.linears, index):
-                in_features = float_weight(block.get_submodule(name), f"{adapter.blocks}.{index}.{name}").shape[1]
-                if in_features % self.groups:
-                    raise QuantConfigError(
-                        f"{adapter.blocks}.{index}.{name}: PEG groups {self.groups} does not divide "
-                        f"its {in_features} input dimensions")
-
-    def prepare(self, block: nn.Module, ctx: BlockContext) -> None:
-        ctx.state["observer"] = InputRangeObserver(self.target_linears(block, ctx))
-
-    def convert(self, block: nn.Module, ctx: BlockContext) -> None:
-        observer: InputRangeObserver = ctx.state.pop("observer")
-        observer.remove()
-        grid, wspec = self.act_grid(), self.weight_spec()
-        for name, module in self.target_linears(block, ctx).items():
-            lo, hi = observer.lo[name], observer.hi[name]
-            group_of = group_assignment(lo, hi, self.groups, self.permute, grid.symmetric)
-            weight = float_weight(module, f"{ctx.prefix}.{name}")
-            layer = PEGLinear.from_float(weight, module.bias, group_of, lo, hi, grid, wspec)
-            # How much the widest group's grid is coarser than the narrowest one's.
-            ctx.report(name, peg_scale_ratio=round(float(layer.act_scale.max() / layer.act_scale.min()), 3))
-            set_module(block, name, layer)

@@ -28,10 +28,10 @@ import torch.nn as nn
 
 from slimformer.core.transform import BlockContext, Transform, register
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight, set_module
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.primitives import storable_scale
-from slimformer.quant.spec import WeightSpec
+from slimformer.formats.primitives import storable_scale
+from slimformer.formats.spec import WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight, set_module
 
 
 def _codes(weight: torch.Tensor, scale: torch.Tensor, spec: WeightSpec) -> torch.Tensor:

@@ -70,8 +70,8 @@ import torch
 import torch.nn as nn
 
 from slimformer.errors import SparsityConfigError
-from slimformer.models.surgery import linear_weight
-from slimformer.sparsity.masks import check_nm, check_nm_fits, kept_magnitude, nm_mask
+from slimformer.formats.masks import check_nm, check_nm_fits, kept_magnitude, nm_mask
+from slimformer.nn.surgery import linear_weight
 
 # Windows for narrow-and-deep are enumerated only up to this many candidate stripes.
 _MAX_WINDOW_SUBSETS = 1000

@@ -20,9 +20,9 @@ import torch.nn as nn
 
 from slimformer.core.transform import BlockContext, Transform, register
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight, set_module
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats.spec import ActSpec, WeightSpec
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight, set_module
 
 
 @register

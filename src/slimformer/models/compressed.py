@@ -14,24 +14,25 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_model
 
 from slimformer.errors import ModelLoadError
-from slimformer.export.atomic import atomic_directory
-from slimformer.models.load import COMPRESSED_MARKER, _first_line, _model_class, read_compressed_config
-from slimformer.models.surgery import set_module
-from slimformer.core.transform import MODULE_TYPES
+from slimformer.models.hf import (
+    COMPRESSED_MARKER,
+    first_line,
+    model_class,
+    read_compressed_config,
+)
+from slimformer.nn.registry import MODULE_TYPES
+from slimformer.nn.surgery import set_module
+from slimformer.util.atomic import atomic_directory
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
-# The module types a compressed directory can hold: registered by the techniques
-# (``slimformer.core.transform.register_module_type``), complete once slimformer.quant is imported.
-import slimformer.quant  # noqa: E402,F401
-import slimformer.sparsity  # noqa: E402,F401
 
 
 def library_versions() -> dict[str, str]:
     import transformers
 
-    from slimformer import __version__
+    from slimformer._version import __version__
 
     return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -78,10 +79,10 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
         # Parameters on the meta device (buffers stay real): no fp32 copy of the weights
         # that are about to be replaced by packed ones is ever allocated.
         with init_empty_weights(include_buffers=False):
-            model = _model_class(config).from_config(config, dtype=dtype)
+            model = model_class(config).from_config(config, dtype=dtype)
         model.tie_weights()   # on meta, so the tied groups below are known
     except Exception as exc:
-        raise ModelLoadError(f"cannot rebuild model from {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot rebuild model from {path}: {first_line(exc)}") from None
     for name, cfg in meta["modules"].items():
         cls = MODULE_TYPES.get(cfg.get("type"))
         if cls is None:
@@ -103,7 +104,7 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
                     setattr(model.get_submodule(owner), attr, model.get_parameter(stored[0]))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load weights from {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load weights from {path}: {first_line(exc)}") from None
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing or unexpected:
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"

@@ -16,11 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer import kernels
-from slimformer.core.transform import register_module_type
-
-from slimformer.quant import packing
-from slimformer.quant.primitives import dequantize_weight, fake_quantize_activation, quantize_weight
-from slimformer.quant.spec import ActSpec, WeightSpec
+from slimformer.formats import packing
+from slimformer.formats.primitives import (
+    dequantize_weight,
+    fake_quantize_activation,
+    quantize_weight,
+)
+from slimformer.formats.spec import ActSpec, WeightSpec
+from slimformer.nn.registry import register_module_type
 
 
 @register_module_type

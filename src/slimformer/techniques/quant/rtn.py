@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
+from slimformer.core.plan import planned_bits
 from slimformer.core.transform import BlockContext, Needs, Transform, register
 from slimformer.errors import QuantConfigError
-from slimformer.models.surgery import linear_weight, set_module
-from slimformer.quant.hawq import planned_bits
-from slimformer.quant.modules import QuantLinear
-from slimformer.quant.spec import ActSpec, QuantFormat
+from slimformer.formats.primitives import static_act_params
+from slimformer.formats.spec import QuantFormat
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.nn.surgery import linear_weight, set_module
 
 
 @register
@@ -58,12 +58,3 @@ class RTN(QuantFormat, Transform):
             set_module(block, name, qlinear)
 
 
-def static_act_params(lo: float, hi: float, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor scale and zero-point covering the observed range [lo, hi]."""
-    from slimformer.quant.primitives import choose_qparams
-
-    observed = torch.tensor([[min(lo, 0.0), max(hi, 0.0)]])
-    if spec.symmetric:
-        observed = observed.abs()
-    scale, zero = choose_qparams(observed, spec.bits, spec.symmetric)
-    return scale.reshape(()), zero.reshape(())

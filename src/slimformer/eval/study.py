@@ -1,19 +1,18 @@
 """The W8A32 / W32A8 / W8A8 study: quantising activations hurts far more than weights.
 
-Weights: RTN 8-bit per output channel. Activations: the input of every block
+Weights: quantised by the caller (``api.study_w8a8`` uses RTN 8-bit per output channel). Activations: the input of every block
 projection, 8-bit, per tensor and per token (dynamic). Decoders are scored by
 perplexity; encoders by embedding cosine to the unquantised model."""
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
+from collections.abc import Callable
 
-from slimformer.core.runner import run_transforms
+from slimformer.formats.primitives import fake_quantize_activation
+from slimformer.formats.spec import ActSpec
 from slimformer.models.adapters import adapter_for
-from slimformer.quant.primitives import fake_quantize_activation
-from slimformer.quant.rtn import RTN
-from slimformer.quant.spec import ActSpec
 
 
 @contextlib.contextmanager
@@ -32,13 +31,16 @@ def quantized_activations(model, spec: ActSpec):
             handle.remove()
 
 
-def study_w8a8(model, tokenizer, data: str, seqlen: int = 512, windows: int = 8, progress: bool = True) -> dict:
+def study_w8a8(model, tokenizer, data: str, quantize_weights: Callable[[object], None], seqlen: int = 512,
+               windows: int = 8, progress: bool = True) -> dict:
+    """Score fp32, W8 (``quantize_weights`` applied in place to a copy), A8 per tensor and per
+    token, and both together."""
     from slimformer.data import eval_windows, held_out_sentences, load_text, tokenize
 
     adapter = adapter_for(model)
     text = load_text(data, role="eval")
     w8 = copy.deepcopy(model)
-    run_transforms(w8, [RTN(bits=8, granularity="channel")], progress=False)
+    quantize_weights(w8)
     variants = {"W32A32 (fp32)": (model, None), "W8A32": (w8, None)}
     for gran in ("tensor", "token"):
         spec = ActSpec(bits=8, granularity=gran)

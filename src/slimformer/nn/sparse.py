@@ -5,7 +5,7 @@ so a compressed directory saves exactly these bytes):
 
 - ``nm``: N:M sparsity. ``values`` ``[out, in/M*N]``: the N kept values of every group
   of M consecutive inputs; ``positions``: where each sits inside its group, packed into
-  ``ceil(log2 M)`` bits (2 bits for M=4, 3 for M=8) with ``slimformer.quant.packing``.
+  ``ceil(log2 M)`` bits (2 bits for M=4, 3 for M=8) with ``slimformer.formats.packing``.
   2:4 in fp16 is ``0.5*numel*2 + numel/2*2/8`` bytes: 1.125 bytes per weight.
 - ``bitmap``: ``bitmap`` one bit per weight (uint8, packed), ``values`` the non-zeros in
   row-major order. ``numel/8 + nnz*value_bytes``: best at low sparsity.
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimformer.core.transform import register_module_type
 from slimformer.errors import SparsityConfigError
-from slimformer.models.surgery import is_linear, linear_weight, set_module
-from slimformer.quant import packing
-from slimformer.sparsity.masks import check_nm, check_nm_fits, is_nm
+from slimformer.formats import packing
+from slimformer.formats.masks import check_nm, check_nm_fits, is_nm
+from slimformer.nn.registry import register_module_type
+from slimformer.nn.surgery import is_linear, linear_weight, set_module
 
 FORMATS = ("nm", "bitmap", "csr")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,0 +1,45 @@
+"""What every model reader shares: dtype names, the Hugging Face class for a config, the
+compressed-directory marker and one-line error text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from slimformer.errors import ModelLoadError
+from slimformer.models.adapters import adapter_for
+
+COMPRESSED_MARKER = "slimformer.json"
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}' (choose from {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def model_class(config):
+    """Decoders load with their LM head; encoders as the bare encoder (embeddings)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if adapter_for(config).is_decoder else AutoModel
+
+
+def first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_compressed_config(path: Path) -> dict:
+    try:
+        return json.loads((path / COMPRESSED_MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {first_line(exc)}") from None

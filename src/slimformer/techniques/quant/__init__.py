@@ -1,0 +1,1 @@
+"""Quantisation techniques (RTN, GPTQ, LLM.int8(), SmoothQuant, GOBO, Q-BERT, PEG, ZeroQuant, HAWQ, mixed 16/8)."""

@@ -1,0 +1,1 @@
+"""Small helpers every layer may use: atomic writes, the cache directory."""
