@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from slimformer.errors import DataError
+from slimformer.util.paths import public_name
 
 Role = Literal["eval", "calib"]
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", ".text")
@@ -47,7 +48,7 @@ def load_text(data: str, role: Role = "eval") -> TextSource:
     text = "\n".join(_read_file(f) for f in files)
     if not text.strip():
         raise DataError(f"data {data} is empty")
-    return TextSource(str(path), text)
+    return TextSource(public_name(path), text)
 
 
 def _is_text_file(path: Path) -> bool:

@@ -21,6 +21,7 @@ import torch
 
 from slimformer.errors import SlimformerError
 from slimformer.runtime.decoder import NativeDecoder
+from slimformer.util.paths import public_name
 
 COMPETITORS = ("hf", "llama.cpp")
 
@@ -78,7 +79,7 @@ def llama_cpp_timed(gguf_path: str, threads: int, context: int = 1024) -> Timed:
             llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
 
     return Timed("llama.cpp", run, None, {"engine": f"llama-cpp-python {llama_cpp.__version__}",
-                                           "gguf": str(gguf_path)})
+                                           "gguf": public_name(gguf_path)})
 
 
 def prompt_of_length(tokenizer, n: int) -> list[int]:
