@@ -292,6 +292,11 @@ class QuantLinear(CompressedLinear):
             bias = None if bias is None else bias[rows]
         else:
             start, stop = _cols(self.in_features, rank, world, index, label)
+            act = self.act_spec
+            if keep_activation and act is not None and act.dynamic and stop - start < self.in_features:
+                raise NotNative(f"{label}: its dynamic activation scale is taken over the whole input, which a "
+                                "column shard does not hold (shard with keep_activation=False and quantise the "
+                                "input across ranks)", dense_ok=False)
             codes = codes[:, start:stop]
             if spec.granularity == "group":
                 gs = spec.group_size
