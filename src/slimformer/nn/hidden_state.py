@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from slimformer.formats.primitives import (
     fake_quantize_activation,
