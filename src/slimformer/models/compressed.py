@@ -24,7 +24,12 @@ from slimformer.nn.registry import MODULE_TYPES
 from slimformer.nn.surgery import set_module
 from slimformer.util.atomic import atomic_directory
 
-FORMAT_VERSION = 1
+# Version 2: QuantLinear saves 4-bit codes of rows of a multiple of 32 in the Q4 layout
+# ([out, in/2], GGUF's block order: what the native decoder and GGUF read) instead of a flat bit
+# stream. Version 1 directories still load: QuantLinear converts their codes once, when the
+# state dict is loaded (nn/quant_linear.py).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -72,7 +77,7 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoTokenizer
 
     meta = read_compressed_config(path)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ModelLoadError(f"{path}: unsupported slimformer format {meta.get('format_version')!r}")
     try:
         config = AutoConfig.from_pretrained(str(path))

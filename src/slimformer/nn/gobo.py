@@ -4,19 +4,20 @@ tables, with the few outlier weights kept in float16 (saved by the GOBO techniqu
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer.formats import packing
+from slimformer.formats.matrix import CompressedMatrix, NotNative
 from slimformer.formats.primitives import (
     group_view,
 )
 from slimformer.formats.spec import WeightSpec
+from slimformer.nn.base import CompressedLinear
 from slimformer.nn.registry import register_module_type
 
 
 @register_module_type
-class GOBOLinear(nn.Module):
+class GOBOLinear(CompressedLinear):
     """``y = x Ŵᵀ + b``, Ŵ = centroid table lookup of the stored indices, with the
     outliers scattered back in.
 
@@ -79,9 +80,12 @@ class GOBOLinear(nn.Module):
 
     _weight = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def drop_runtime(self) -> None:
         self._weight = None
-        super()._load_from_state_dict(*args, **kwargs)
+
+    def matrix(self, name: str = "") -> CompressedMatrix:
+        raise NotNative("centroid tables with float16 outliers have no native format: the native engine runs "
+                        "the dequantised weight", dense_ok=True)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, {self.weight_spec.bits}-bit tables per "

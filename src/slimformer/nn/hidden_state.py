@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from slimformer.formats.primitives import (
     fake_quantize_activation,
 )
+from slimformer.nn.base import CompressedModule
 from slimformer.nn.peg import ActGrid
 from slimformer.nn.registry import register_module_type
 
 
 @register_module_type
-class HiddenStateQuant(nn.Module):
+class HiddenStateQuant(CompressedModule):
     """Static per-tensor fake quantisation of its parent module's output (``where:
     output``) or first input (``where: input``), applied by a hook on the parent that
     :meth:`attach_to_parent` installs whenever the module is placed (``set_module``:
     while compressing and when a saved model is loaded).
 
-    Buffers: ``scale``, ``zero`` (float32 scalars)."""
+    Buffers: ``scale``, ``zero`` (float32 scalars).
+
+    Not a :class:`~slimformer.nn.base.CompressedLinear`: it holds no matrix (nothing to
+    dequantise, describe or shard), only an activation grid applied through a hook; a
+    runtime that cannot apply it must refuse the model (see ``not_native``)."""
+
+    not_native = "fake-quantises a block's hidden state through a hook: no native engine runs it"
 
     def __init__(self, grid: ActGrid, where: str):
         super().__init__()

@@ -4,15 +4,16 @@ inlier input dimensions and a floating-point matmul for the outlier ones."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer import kernels
+from slimformer.formats.matrix import CompressedMatrix, NotNative
 from slimformer.formats.primitives import (
     fake_quantize_activation,
     quantize_weight,
 )
 from slimformer.formats.spec import ActSpec, WeightSpec
+from slimformer.nn.base import CompressedLinear
 from slimformer.nn.registry import register_module_type
 
 _INT8_ROWS = WeightSpec(bits=8, symmetric=True, granularity="channel")
@@ -28,7 +29,7 @@ _CODE_OFFSET = 128   # stored codes are unsigned: q + 128
 
 
 @register_module_type
-class Int8OutlierLinear(nn.Module):
+class Int8OutlierLinear(CompressedLinear):
     """``y = x[:, O] W_Oᵀ + int8(x with O zeroed) · int8(W)ᵀ ⊙ (s_x ⊗ s_w) + b``.
 
     Buffers (what is saved): ``qweight`` (uint8 codes ``[out, in]``; zero in the
@@ -110,8 +111,12 @@ class Int8OutlierLinear(nn.Module):
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         x_int, extra = self._split(x)
         if self._runtime is None:
-            self._runtime = kernels.prepare_int8(self.qweight, self.scale, None, 8, True) \
-                if kernels.kernels_available() else False
+            if kernels.kernels_available():
+                self._runtime = kernels.prepare_int8(self.qweight, self.scale, None, 8, True)
+            else:
+                self._runtime = False
+                self.set_fallback(f"kernels unavailable ({kernels.load_error()}): the int8 part runs as "
+                                  "fake-quantised fp32 (reference path)")
         if self._runtime is False:
             y = self._int8_reference(x_int)
         else:
@@ -134,9 +139,16 @@ class Int8OutlierLinear(nn.Module):
 
     _runtime = None   # kernel layout of the int8 part, built on first forward (False: no kernels)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def drop_runtime(self) -> None:
         self._runtime = None
-        super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def dense_equivalent(self) -> bool:
+        return False   # the input is quantised per token and its outlier columns split off
+
+    def matrix(self, name: str = "") -> CompressedMatrix:
+        raise NotNative("LLM.int8() outlier decomposition (int8 tokens with the outlier input columns in "
+                        "floating point, found per input) has no native format", dense_ok=False)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, threshold={self.threshold}, "

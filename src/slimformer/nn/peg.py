@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from slimformer.errors import QuantConfigError
 from slimformer.formats import packing
+from slimformer.formats.matrix import CompressedMatrix, NotNative
 from slimformer.formats.primitives import (
     choose_qparams,
     dequantize_weight,
@@ -18,6 +19,7 @@ from slimformer.formats.primitives import (
     quantize_weight,
 )
 from slimformer.formats.spec import WeightSpec, _IntegerGrid
+from slimformer.nn.base import CompressedLinear
 from slimformer.nn.registry import register_module_type
 from slimformer.nn.surgery import linear_weight
 
@@ -62,7 +64,7 @@ def static_group_params(lo: torch.Tensor, hi: torch.Tensor, grid: ActGrid) -> tu
 
 
 @register_module_type
-class PEGLinear(nn.Module):
+class PEGLinear(CompressedLinear):
     """``y = act_q(x) @ dequant(W)ᵀ + b`` where the input is quantised with static
     parameters shared by groups of its dimensions.
 
@@ -122,7 +124,23 @@ class PEGLinear(nn.Module):
         return fake_quantize_activation(x, self.act_grid, self.act_scale[group], self.act_zero[group])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.dequantized_weight().to(x.dtype), self.bias)
+        # the dense weight is dequantised once (not saved; dropped with new weights)
+        if self._weight is None:
+            self._weight = self.dequantized_weight()
+        return F.linear(self.quantize_input(x), self._weight.to(x.dtype), self.bias)
+
+    _weight = None
+
+    def drop_runtime(self) -> None:
+        self._weight = None
+
+    @property
+    def dense_equivalent(self) -> bool:
+        return False   # the input is quantised with static per-group parameters
+
+    def matrix(self, name: str = "") -> CompressedMatrix:
+        raise NotNative(f"static a{self.act_grid.bits} activations with per-group parameters (PEG) have no "
+                        "native kernel", dense_ok=False)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, {self.weight_spec.describe()}, "

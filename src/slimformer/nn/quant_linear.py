@@ -1,36 +1,70 @@
 """QuantLinear: a Linear that stores packed integer weights and computes correctly.
 
 ``forward`` runs the fast CPU kernels of ``slimformer.kernels`` (weight-only int8,
-int2-4 group-wise, dynamic per-token W8A8), repacked into their runtime layout on
-first use. ``forward_reference`` unpacks and dequantises the weight and calls
-``F.linear``: the definition the kernels are tested against, and the path for
-formats no kernel covers (5-7 bits in groups, static activation scales).
+int2-4 group-wise, dynamic per-token W8A8), prepared for their runtime layout on first
+use. ``forward_reference`` unpacks and dequantises the weight and calls ``F.linear``: the
+definition the kernels are tested against. Formats no kernel covers (5-8 bits in groups,
+static activation scales, activations other than dynamic int8 per token) and a machine
+without the kernels run that reference on a dense weight dequantised once and cached; the
+module's ``fallback`` says why, and each reason is warned once per process.
+
+Stored layout of the codes (``qweight``), chosen so that the format description and the
+saved file agree (``formats/matrix.py``):
+
+- 4-bit codes with ``in_features % 32 == 0``: ``[out, in/2]`` bytes in the Q4 layout
+  (``formats.matrix.pack_nibbles``: GGUF's block order, what ``runtime/_decoder.cpp``
+  reads). :meth:`matrix` hands these bytes over as they are, and a GGUF writer copies them.
+  Compressed directories of format version 1 stored them as a flat bit stream; they are
+  converted once, when their state dict is loaded (``_load_from_state_dict``), and a flat
+  ``qweight`` bound directly (an offloaded v1 directory) is still read correctly.
+  The one conversion left: ``kernels/_kernels.cpp`` (``sf_w4_linear``/``sf_w4_dequant``)
+  reads 16 codes per 8 bytes, not 32 per 16, so ``kernels.prepare_int4`` repacks once per
+  module at the first forward (not per forward). Why not store the kernels' order instead:
+  then the decoder and every GGUF read and write would repack, and the kernels' order
+  cannot hold GGUF's blocks. Changing ``sf_w4_*`` to read 32-code blocks (C, with the
+  kernels library) removes this last repack.
+- other widths, and 4-bit rows not a multiple of 32: the dense bit stream of
+  ``formats.packing`` (2- and 3-bit codes take 2 and 3 bits on disk; the runtime
+  unpacks them to nibbles or bytes once, when it prepares a layer).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer import kernels
 from slimformer.formats import packing
+from slimformer.formats.matrix import (
+    Q4,
+    Q4_BLOCK,
+    Q8,
+    Q8A8,
+    Q8A8G,
+    CompressedMatrix,
+    NotNative,
+    maybe_half,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from slimformer.formats.primitives import (
     dequantize_weight,
     fake_quantize_activation,
     quantize_weight,
 )
 from slimformer.formats.spec import ActSpec, WeightSpec
+from slimformer.nn.base import CompressedLinear, _cols, _rows, warn_once
 from slimformer.nn.registry import register_module_type
+
+_TOKEN_A8 = ActSpec(8, True, "token", True)
 
 
 @register_module_type
-class QuantLinear(nn.Module):
+class QuantLinear(CompressedLinear):
     """``y = act_q(x) @ dequant(W)ᵀ + b`` with W held as packed ``bits``-bit codes.
 
-    Buffers (what is saved): ``qweight`` (uint8 packed), ``scale`` (float16), ``zero``
+    Buffers (what is saved): ``qweight`` (uint8: 4-bit rows of a multiple of 32 codes in
+    the Q4 layout ``[out, in/2]``, else the packed bit stream), ``scale`` (float16), ``zero``
     (uint8, asymmetric only), ``bias`` and, for static activation quantisation,
     ``act_scale``/``act_zero``.
     """
@@ -47,11 +81,14 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.act_spec = weight_spec, act_spec
-        numel = in_features * out_features
         groups = {"tensor": 1, "channel": 1, "group": in_features // (weight_spec.group_size or 1)}
         rows = 1 if weight_spec.granularity == "tensor" else out_features
         n_groups = groups[weight_spec.granularity]
-        self.register_buffer("qweight", torch.zeros(packing.packed_nbytes(numel, weight_spec.bits), dtype=torch.uint8))
+        if self.nibble_layout:
+            qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        else:
+            qweight = torch.zeros(packing.packed_nbytes(in_features * out_features, weight_spec.bits), dtype=torch.uint8)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float16))
         # Symmetric formats have no zero-point; keep an empty buffer so nothing is stored.
         zero_shape = (0,) if weight_spec.symmetric else (rows, n_groups)
@@ -61,6 +98,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_scale", torch.ones(()) if static else None)
         self.register_buffer("act_zero", torch.zeros(()) if static else None)
         self.compute_dtype = dtype
+
+    @property
+    def nibble_layout(self) -> bool:
+        """Whether ``qweight`` is saved in the Q4 layout (else the packed bit stream)."""
+        return self.weight_spec.bits == 4 and self.in_features % Q4_BLOCK == 0
+
+    @property
+    def dense_equivalent(self) -> bool:
+        return self.act_spec is None
 
     @classmethod
     def from_float(
@@ -79,14 +125,22 @@ class QuantLinear(nn.Module):
         module = cls(in_features, out_features, weight_spec, act_spec, bias is not None, weight.dtype)
         if codes is None:
             codes, scale, zero = quantize_weight(weight, weight_spec)
-        module.qweight = packing.pack(codes, weight_spec.bits)
+        module.set_codes(codes)
         module.scale = scale.to(torch.float16).contiguous()
         module.zero = zero.to(torch.uint8).contiguous() if not weight_spec.symmetric else module.zero
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
 
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Store ``[out, in]`` codes in this module's layout."""
+        codes = codes.reshape(self.out_features, self.in_features)
+        self.qweight = pack_nibbles(codes) if self.nibble_layout else packing.pack(codes, self.weight_spec.bits)
+        self.drop_runtime()
+
     def codes(self) -> torch.Tensor:
+        if self.qweight.dim() == 2:
+            return unpack_nibbles(self.qweight, self.out_features, self.in_features)
         numel = self.in_features * self.out_features
         return packing.unpack(self.qweight, self.weight_spec.bits, numel).reshape(self.out_features, self.in_features)
 
@@ -104,16 +158,29 @@ class QuantLinear(nn.Module):
             self._runtime = self._prepare_runtime()
         kernel, packed = self._runtime
         if kernel is None:
-            return self.forward_reference(x)
+            # the reference, on a dense weight dequantised once (dropped with new weights)
+            if self._weight is None:
+                self._weight = self.dequantized_weight()
+            if self.act_spec is not None:
+                x = fake_quantize_activation(x, self.act_spec, self.act_scale, self.act_zero)
+            return F.linear(x, self._weight.to(x.dtype), self.bias)
         return kernel(x, packed, self.bias).to(x.dtype)
 
     _runtime: tuple | None = None   # (kernel, packed weight), built on first forward
+    _weight: torch.Tensor | None = None   # the dense weight of the reference path, built on first use
+
+    def drop_runtime(self) -> None:
+        self._runtime = None
+        self._weight = None
 
     def _prepare_runtime(self) -> tuple:
-        """Pick the kernel for this format and repack the weight for it (once)."""
+        """Pick the kernel for this format and prepare the weight for it (once)."""
         spec, act = self.weight_spec, self.act_spec
         if not kernels.kernels_available():
-            _warn_no_kernels()
+            warn_once("QuantLinear: no kernels",
+                      f"slimformer.kernels unavailable ({kernels.load_error()}); quantised layers run on a dense "
+                      "weight dequantised once and cached (more memory, fp32 speed)")
+            self.fallback = f"kernels unavailable ({kernels.load_error()}): dense cached weight"
             return None, None
         zero = None if spec.symmetric else self.zero
         group = spec.group_size if spec.granularity == "group" else None
@@ -124,21 +191,137 @@ class QuantLinear(nn.Module):
                     return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
                 if spec.symmetric:  # group-wise weights (ZeroQuant)
                     return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
+                self.set_fallback("W8A8 with asymmetric group-wise weights has no kernel: reference path "
+                                  "(fake-quantised input, cached dense weight)")
+            elif not act.dynamic:
+                self.set_fallback("static activation scales have no kernel: reference path "
+                                  "(fake-quantised input, cached dense weight)")
+            else:
+                self.set_fallback(f"activations a{act.bits}-{act.granularity}"
+                                  f"{'' if act.symmetric else '-asym'} have no kernel (only dynamic symmetric "
+                                  "int8 per token): reference path (fake-quantised input, cached dense weight)")
             return None, None
         if spec.bits <= 4:
-            return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric, bits=spec.bits)
+            packed = kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric, bits=spec.bits)
+            if not packed.fast:
+                self.set_fallback("int4 kernel needs K and group size multiples of 16 and integer zero-points: "
+                                  "reference path")
+            return kernels.int4_linear, packed
         if per_row:
             return kernels.int8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+        self.set_fallback(f"{spec.bits}-bit group-wise weights have no kernel (int8 kernels take one scale per row): "
+                          "reference path (cached dense weight)")
         return None, None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._runtime = None   # new weights: repack on the next forward
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"
+        stored = state_dict.get(key)
+        if stored is not None and stored.dim() == 1 and self.nibble_layout and not stored.is_meta:
+            # format version 1 stored 4-bit codes as a flat bit stream: the Q4 layout, once
+            codes = packing.unpack(stored, 4, self.in_features * self.out_features)
+            state_dict[key] = pack_nibbles(codes.reshape(self.out_features, self.in_features))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         act = "" if self.act_spec is None else f", act=a{self.act_spec.bits}-{self.act_spec.granularity}"
         return f"{self.in_features}, {self.out_features}, {self.weight_spec.describe()}{act}"
 
+    # ------------------------------------------------------------------ description
+    def matrix(self, name: str = "") -> CompressedMatrix:
+        """This layer as the native runtime's description: the Q4 bytes as stored (no
+        repacking) for 2-4 bits, int8 for 5-8 bits, W8A8 kinds for dynamic int8 tokens.
+        :class:`NotNative` for activation formats the decoder has no kernel for
+        (``dense_ok=False``) and shapes its layouts cannot take (``dense_ok=True``)."""
+        label = name or "QuantLinear"
+        spec, act = self.weight_spec, self.act_spec
+        N, K = self.out_features, self.in_features
+        gs = spec.group_size if spec.granularity == "group" else K
+        G = K // gs
+        bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        scale = self.scale.float().reshape(-1, G).expand(N, G).contiguous()
+        offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+        zero = self.zero.float().reshape(-1, G).expand(N, G) if self.zero.numel() else torch.zeros(N, G)
+        zo = zero + offset  # w = (code - zo) * scale
+        info = dict(bits=spec.bits, symmetric=spec.symmetric)
+        if act is not None and G > 1 and spec.symmetric and act == _TOKEN_A8:
+            # ZeroQuant: signed integer weights (exact in int8 for symmetric codes), group scales
+            q = (self.codes().to(torch.int16) - offset).to(torch.int8).contiguous()
+            return CompressedMatrix(label, Q8A8G, N, K, gs, q, maybe_half(scale, None)[0], bias=bias, **info)
+        if act is not None:
+            if not (act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token" and G == 1):
+                raise NotNative(f"no decode kernel for activations {act} with {spec.describe()} weights",
+                                dense_ok=False)
+            q = (self.codes().to(torch.int16) - 128).to(torch.int8).contiguous()
+            corr = (128 - zo[:, 0]).round().to(torch.int32).contiguous()
+            return CompressedMatrix(label, Q8A8, N, K, K, q, scale[:, 0].contiguous(), bias=bias, corr=corr, **info)
+        if spec.bits <= 4:
+            if K % 32 or gs % 32:
+                raise NotNative(f"4-bit layout needs K={K} and group size {gs} to be multiples of 32")
+            # the stored bytes are the Q4 layout already (2-3-bit codes: unpacked from the bit stream once)
+            w = self.qweight if self.qweight.dim() == 2 else pack_nibbles(self.codes())
+            scale_h, minv_h = maybe_half(scale, -zo * scale)
+            if scale_h.dtype != torch.float16 and torch.equal(scale.half().float(), scale):
+                # fp16 scales with integer zero-points (our asymmetric RTN/GPTQ): 3 bytes per group, not 8
+                return CompressedMatrix(label, Q4, N, K, gs, w, scale.half().contiguous(), None, bias,
+                                        zero=zo.to(torch.uint8).contiguous(), **info)
+            return CompressedMatrix(label, Q4, N, K, gs, w, scale_h, minv_h, bias, **info)
+        if K % 16 or gs % 16:
+            raise NotNative(f"K={K} and group size {gs} must be multiples of 16")
+        q = (self.codes().to(torch.int16) - 128).to(torch.int8).contiguous()
+        minv = (128 - zo) * scale
+        return CompressedMatrix(label, Q8, N, K, gs, q, *maybe_half(scale, minv if minv.any() else None), bias, **info)
+
+    # ------------------------------------------------------------------ sharding
+    def shard(self, rank: int, world: int, dim: int, index=None, name: str = "",
+              keep_activation: bool = True) -> "QuantLinear":
+        """This rank's rows (``dim=0``) or input columns (``dim=1``, no bias) in packed form:
+        codes, scales and zero-points sliced, no requantisation. A column cut must fall on
+        a quantisation-group boundary. ``keep_activation=False`` drops the activation
+        quantisation (a caller that quantises the whole input across ranks itself)."""
+        label = name or "QuantLinear"
+        spec = self.weight_spec
+        codes, scale, zero = self.codes(), self.scale, self.zero
+        per_tensor = spec.granularity == "tensor"
+        bias = self.bias
+        if dim == 0:
+            rows = _rows(self.out_features, rank, world, index, label)
+            codes = codes[rows]
+            if not per_tensor:
+                scale = scale[rows]
+                zero = zero[rows] if zero.numel() else zero
+            bias = None if bias is None else bias[rows]
+        else:
+            start, stop = _cols(self.in_features, rank, world, index, label)
+            act = self.act_spec
+            if keep_activation and act is not None and act.dynamic and stop - start < self.in_features:
+                raise NotNative(f"{label}: its dynamic activation scale is taken over the whole input, which a "
+                                "column shard does not hold (shard with keep_activation=False and quantise the "
+                                "input across ranks)", dense_ok=False)
+            codes = codes[:, start:stop]
+            if spec.granularity == "group":
+                gs = spec.group_size
+                if start % gs or stop % gs:
+                    raise ValueError(
+                        f"{label}: column split of a {self.in_features}-input QuantLinear at {start}:{stop} "
+                        f"is not on a boundary of its {gs}-column quantisation groups")
+                scale = scale[:, start // gs: stop // gs]
+                zero = zero[:, start // gs: stop // gs] if zero.numel() else zero
+            bias = None
+        act_spec = self.act_spec if keep_activation else None
+        out_features, in_features = codes.shape
+        shard = QuantLinear(in_features, out_features, spec, act_spec, bias is not None, self.compute_dtype)
+        shard.set_codes(codes.contiguous())
+        shard.scale = scale.contiguous().clone()
+        if zero.numel():
+            shard.zero = zero.contiguous().clone()
+        if bias is not None:
+            shard.bias = bias.detach().contiguous().clone()
+        if act_spec is not None and not act_spec.dynamic:
+            # static per-tensor activation scale: elementwise, so it applies to any slice
+            shard.act_scale, shard.act_zero = self.act_scale.clone(), self.act_zero.clone()
+        return shard
+
+    # ------------------------------------------------------------------ saving
     def config(self) -> dict:
         """What a saved directory records to rebuild this module."""
         return {
@@ -154,14 +337,3 @@ class QuantLinear(nn.Module):
     def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
         act = ActSpec(**cfg["act"]) if cfg.get("act") else None
         return cls(cfg["in_features"], cfg["out_features"], WeightSpec(**cfg["weight"]), act, cfg["bias"], dtype)
-
-
-_warned_no_kernels = False
-
-
-def _warn_no_kernels() -> None:
-    global _warned_no_kernels
-    if not _warned_no_kernels:
-        _warned_no_kernels = True
-        warnings.warn(f"slimformer.kernels unavailable ({kernels.load_error()}); "
-                      "quantised layers use the slow reference path", RuntimeWarning, stacklevel=3)

@@ -37,6 +37,8 @@ from torch import nn
 from slimformer.errors import SparsityConfigError
 from slimformer.formats import packing
 from slimformer.formats.masks import check_nm, check_nm_fits, is_nm
+from slimformer.formats.matrix import CompressedMatrix, NotNative
+from slimformer.nn.base import CompressedLinear
 from slimformer.nn.registry import register_module_type
 from slimformer.nn.surgery import is_linear, linear_weight, set_module
 
@@ -122,7 +124,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @register_module_type
-class SparseLinear(nn.Module):
+class SparseLinear(CompressedLinear):
     """``y = x @ Wᵀ + b`` with W held in a compressed sparse format (see module docstring).
 
     ``nnz`` (bitmap, csr) and ``n``, ``m`` (nm) fix the buffer shapes, so ``from_config``
@@ -302,13 +304,15 @@ class SparseLinear(nn.Module):
             warnings.simplefilter("ignore")
             return torch.sparse_csr_tensor(crow, col, dense[nz], dense.shape, check_invariants=False)
 
-    def _apply(self, fn, recurse=True):
-        self._dense = self._csr = None   # .to()/.half() moved or cast the storage
-        return super()._apply(fn, recurse)
+    def drop_runtime(self) -> None:
+        self._dense = self._csr = None   # new weights, or .to()/.half() moved or cast the storage
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dense = self._csr = None   # new weights
-        super()._load_from_state_dict(*args, **kwargs)
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dense_weight()
+
+    def matrix(self, name: str = "") -> CompressedMatrix:
+        raise NotNative(f"{self.format} sparse storage has no native format: the native engine runs its dense "
+                        "weight", dense_ok=True)
 
     def extra_repr(self) -> str:
         fmt = f"{self.n}:{self.m}" if self.format == "nm" else self.format

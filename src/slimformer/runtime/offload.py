@@ -40,11 +40,14 @@ from slimformer.models.hf import (
     model_class,
     read_compressed_config,
 )
+from slimformer.nn.base import CompressedModule
 from slimformer.nn.surgery import set_module
 from slimformer.util.atomic import atomic_directory
 
 OFFLOAD_MARKER = "offload.json"
-FORMAT_VERSION = 1
+# 2: QuantLinear's 4-bit codes in the Q4 layout (see nn/quant_linear.py); 1 is still read
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REST_FILE = "rest.safetensors"
 PAGE = 4096
 
@@ -252,14 +255,14 @@ class Offloader:
             else:
                 e.module._buffers[e.attr] = t
         for m in block.quant_modules:
-            m._runtime = None     # new weights: the kernel layout is rebuilt from them
+            m.drop_runtime()      # new weights: kernel layouts / dense caches are rebuilt from them
         block.bound = True
 
     def _release(self, block: _Block) -> None:
         for e in block.entries:
             (e.module._parameters if e.is_param else e.module._buffers)[e.attr] = e.placeholder
         for m in block.quant_modules:
-            m._runtime = None     # drop the repacked copy with the weights
+            m.drop_runtime()      # drop the repacked copy / dense cache with the weights
         block.bound = False
         self.resident_blocks -= 1
 
@@ -362,7 +365,7 @@ def _index(directory: Path) -> tuple[dict[str, str], dict, torch.dtype | None]:
             meta = json.loads((directory / OFFLOAD_MARKER).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"corrupt {OFFLOAD_MARKER} in {directory}: {first_line(exc)}") from None
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise ModelLoadError(f"{directory}: unsupported offload format {meta.get('format_version')!r}")
         files = [meta["rest_file"], *meta["block_files"]]
         dtype = getattr(torch, meta.get("dtype", "float32"), None)
@@ -501,7 +504,7 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
     if any(_block_of(n, prefix) is None and t.is_meta for n, _, _, _, t in _tensors_by_name(model)):
         raise ModelLoadError(f"cannot load weights from {directory}: a non-block tensor stayed unloaded")
 
-    quant_types = tuple(MODULE_TYPES.values())
+    quant_types = (CompressedModule, *MODULE_TYPES.values())
     blocks = []
     for i, (module, block_entries) in enumerate(zip(block_modules, entries)):
         files: dict[str, list[str]] = {}
@@ -510,7 +513,8 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
                 files.setdefault(index[e.key], []).append(e.key)
         nbytes = sum(e.placeholder.nbytes for e in {e.key: e for e in block_entries}.values())
         blocks.append(_Block(i, module, block_entries, files, nbytes,
-                             quant_modules=[m for m in module.modules() if isinstance(m, quant_types)]))
+                             quant_modules=[m for m in module.modules() if isinstance(m, quant_types)
+                                            and callable(getattr(m, "drop_runtime", None))]))
         for e in block_entries:   # drop whatever the skeleton held (meta, or real buffers)
             (e.module._parameters if e.is_param else e.module._buffers)[e.attr] = e.placeholder
 

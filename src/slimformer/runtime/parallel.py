@@ -13,9 +13,12 @@ Each transformer block is split across the ``world_size`` ranks of a process gro
 
 So a block costs two all-reduces of ``[tokens, hidden]``. Embeddings, norms and the LM
 head stay replicated (every rank computes the same full logits). Biases of
-row-parallel layers are added once, after the reduce. ``QuantLinear`` layers are
-sharded in their packed form (codes, scales and zero-points sliced; a row-parallel
-split must fall on a quantisation-group boundary). Inference only: the all-reduce is
+row-parallel layers are added once, after the reduce. Compressed layers shard
+themselves (``CompressedLinear.shard``): ``QuantLinear`` in its packed form (codes, scales
+and zero-points sliced; a row-parallel split must fall on a quantisation-group boundary),
+types with no sharded form as a dense slice of their dequantised weight (warned, the reason
+in the shard's ``fallback``), and types whose input quantisation a slice cannot reproduce
+are refused with a :class:`ParallelConfigError` naming the layer and why. Inference only: the all-reduce is
 not differentiable.
 
 On CPU the backend is gloo over loopback; with at least ``world_size`` GPUs it is NCCL,
@@ -40,10 +43,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slimformer.errors import ParallelConfigError, SlimformerError
-from slimformer.formats import packing
+from slimformer.formats.matrix import NotNative
 from slimformer.formats.primitives import choose_qparams, fake_quantize_activation
 from slimformer.formats.spec import ActSpec
 from slimformer.models.adapters.base import Adapter, adapter_for
+from slimformer.nn.base import CompressedLinear, dense_linear
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.nn.registry import registered_modules
 from slimformer.nn.surgery import is_linear, linear_weight, set_module
@@ -63,61 +67,28 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding exactly ``weight`` ``[out, in]`` (no random init)."""
-    out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    linear.weight = _frozen(weight)
-    if bias is not None:
-        linear.bias = _frozen(bias)
-    return linear
+    return dense_linear(weight, bias)
 
 
-def _quant_shard(q: QuantLinear, rows: torch.Tensor | None, cols: tuple[int, int] | None,
-                 keep_bias: bool, act_spec: ActSpec | None) -> QuantLinear:
-    """A QuantLinear holding rows ``rows`` and/or input columns ``cols`` of ``q``, repacked."""
-    spec = q.weight_spec
-    codes, scale, zero = q.codes(), q.scale, q.zero
-    per_tensor = spec.granularity == "tensor"
-    if rows is not None:
-        codes = codes[rows]
-        if not per_tensor:
-            scale = scale[rows]
-            zero = zero[rows] if zero.numel() else zero
-    if cols is not None:
-        start, stop = cols
-        codes = codes[:, start:stop]
-        if spec.granularity == "group":
-            # scales are per group of input columns: the cut must fall between groups
-            gs = spec.group_size
-            if start % gs or stop % gs:
-                raise ParallelConfigError(
-                    f"row-parallel split of a {q.in_features}-input QuantLinear at columns {start}:{stop} "
-                    f"is not on a boundary of its {gs}-column quantisation groups")
-            scale = scale[:, start // gs: stop // gs]
-            zero = zero[:, start // gs: stop // gs] if zero.numel() else zero
-    out_features, in_features = codes.shape
-    bias = q.bias if keep_bias else None
-    if bias is not None and rows is not None:
-        bias = bias[rows]
-    shard = QuantLinear(in_features, out_features, spec, act_spec, bias is not None, q.compute_dtype)
-    shard.qweight = packing.pack(codes.contiguous(), spec.bits)
-    shard.scale = scale.contiguous().clone()
-    if zero.numel():
-        shard.zero = zero.contiguous().clone()
-    if bias is not None:
-        shard.bias = bias.detach().contiguous().clone()
-    if act_spec is not None and not act_spec.dynamic:
-        # static per-tensor activation scale: elementwise, so it applies to any slice
-        shard.act_scale, shard.act_zero = q.act_scale.clone(), q.act_zero.clone()
-    return shard
+def _compressed_shard(module: CompressedLinear, rank: int, world_size: int, dim: int, index, name: str,
+                      **kwargs) -> nn.Module:
+    """``module.shard(...)``, its refusals as :class:`ParallelConfigError` naming the layer."""
+    try:
+        return module.shard(rank, world_size, dim, index, name=name, **kwargs)
+    except NotNative as exc:
+        raise ParallelConfigError(f"cannot shard {name} ({type(module).__name__}): {exc.reason}") from None
+    except ValueError as exc:
+        raise ParallelConfigError(f"{name}: {exc}") from None
 
 
 def _check_linear(module: nn.Module, name: str) -> None:
-    if not (is_linear(module) or isinstance(module, QuantLinear)):
-        raise ParallelConfigError(f"cannot shard {name}: {type(module).__name__} is not a Linear, Conv1D or QuantLinear")
+    if not (is_linear(module) or isinstance(module, CompressedLinear)):
+        raise ParallelConfigError(f"cannot shard {name}: {type(module).__name__} is not a Linear, Conv1D or "
+                                  "compressed linear layer")
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, QuantLinear):
+    if isinstance(module, CompressedLinear):
         return module.out_features, module.in_features
     return tuple(linear_weight(module).shape)
 
@@ -149,8 +120,8 @@ class ColumnParallelLinear(nn.Module):
                     f"world size {world_size} does not divide the {out_features} output features of {name}")
             per = out_features // world_size
             rows = torch.arange(rank * per, (rank + 1) * per)
-        if isinstance(linear, QuantLinear):
-            local = _quant_shard(linear, rows, None, True, linear.act_spec)
+        if isinstance(linear, CompressedLinear):
+            local = _compressed_shard(linear, rank, world_size, 0, rows, name)
         else:
             bias = linear.bias[rows] if linear.bias is not None else None
             local = _dense(linear_weight(linear)[rows], bias)
@@ -201,11 +172,10 @@ class RowParallelLinear(nn.Module):
         if isinstance(linear, QuantLinear):
             act = linear.act_spec
             global_act = act is not None and act.dynamic and world_size > 1
-            try:
-                local = _quant_shard(linear, None, cols, False, None if global_act else act)
-            except ParallelConfigError as exc:
-                raise ParallelConfigError(f"{name}: {exc}") from None
+            local = _compressed_shard(linear, rank, world_size, 1, cols, name, keep_activation=not global_act)
             act_spec = act if global_act else None
+        elif isinstance(linear, CompressedLinear):
+            local = _compressed_shard(linear, rank, world_size, 1, cols, name)
         else:
             local = _dense(linear_weight(linear)[:, cols[0]:cols[1]], None)
         return cls(local, linear.bias, in_features, rank, world_size, group, act_spec)
@@ -331,6 +301,17 @@ def _patch_attention(attn: nn.Module, plan: TPPlan) -> None:
             setattr(attn, attr, plan.local_heads * plan.head_dim)
 
 
+def _place(block: nn.Module, name: str, shard: nn.Module) -> None:
+    """Put ``shard`` at ``name``, replacing a ``keeps_inner`` wrapper there too (the shard
+    was cut from the wrapper, whose input scale it already holds)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    if getattr(parent._modules.get(child), "keeps_inner", False):
+        setattr(parent, child, shard)
+    else:
+        set_module(block, name, shard)
+
+
 def tensor_parallel(model: nn.Module, group: Any = None, *, rank: int | None = None,
                     world_size: int | None = None) -> nn.Module:
     """Convert ``model`` in place to this rank's tensor-parallel shard and return it.
@@ -367,21 +348,21 @@ def tensor_parallel(model: nn.Module, group: Any = None, *, rank: int | None = N
                     rows = plan.query_rows(rank) if i == 0 else plan.kv_rows(rank)
                 shard = ColumnParallelLinear.from_linear(block.get_submodule(name), rank, world_size, rows,
                                                          f"{prefix}.{name}")
-                set_module(block, name, shard)
+                _place(block, name, shard)
             q_cols = plan.query_rows(rank)
             for name in adapter.attention_out:
                 shard = RowParallelLinear.from_linear(block.get_submodule(name), rank, world_size, group,
                                                       (int(q_cols[0]), int(q_cols[-1]) + 1), f"{prefix}.{name}")
-                set_module(block, name, shard)
+                _place(block, name, shard)
             for name in adapter.mlp_in:
                 shard = ColumnParallelLinear.from_linear(block.get_submodule(name), rank, world_size,
                                                          plan.mlp_rows(rank), f"{prefix}.{name}")
-                set_module(block, name, shard)
+                _place(block, name, shard)
             m_cols = plan.mlp_rows(rank)
             for name in adapter.mlp_out:
                 shard = RowParallelLinear.from_linear(block.get_submodule(name), rank, world_size, group,
                                                       (int(m_cols[0]), int(m_cols[-1]) + 1), f"{prefix}.{name}")
-                set_module(block, name, shard)
+                _place(block, name, shard)
             _patch_attention(block.get_submodule(_attention_path(adapter)), plan)
     model.slimformer_tp = {"rank": rank, "world_size": world_size}
     return model
