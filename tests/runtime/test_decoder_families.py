@@ -49,11 +49,11 @@ def _check(model, dec, atol, prompt=9):
 
 
 CASES = {
-    "qwen3": dict(family="qwen3"),
-    "mistral-window": dict(family="mistral"),
+    "qwen3": {"family": "qwen3"},
+    "mistral-window": {"family": "mistral"},
     # Qwen3 with its own per-layer windows: layer 0 full, layer 1 a window of 6
-    "qwen3-window-layers": dict(family="qwen3", use_sliding_window=True, sliding_window=6, max_window_layers=1,
-                                layer_types=["full_attention", "sliding_attention"]),
+    "qwen3-window-layers": {"family": "qwen3", "use_sliding_window": True, "sliding_window": 6,
+                            "max_window_layers": 1, "layer_types": ["full_attention", "sliding_attention"]},
 }
 
 

@@ -200,7 +200,7 @@ class NativeDecoder:
         adapter = adapter_for(model)
         spec = adapter.decoder_spec(model)
         blocks = adapter.get_blocks(model)
-        gguf = _gguf_linears(gguf_path, spec, adapter.blocks) if gguf_path is not None else {}
+        gguf = _gguf_linears(gguf_path, spec, adapter) if gguf_path is not None else {}
 
         def lin(i: int, name: str) -> RtLinear:
             full = f"{adapter.blocks}.{i}.{name}"
@@ -265,7 +265,8 @@ class NativeDecoder:
 
     def describe(self) -> dict:
         kinds = sorted({W.KIND_NAMES[lin.kind] for l in self.layers for lin in l.linears()})
-        return {"engine": "native", "layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind], "activations": self.activations,
+        return {"engine": "native", "layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind],
+                "activations": self.activations,
                 "bytes_per_token": self.weight_bytes_per_token()}
 
     # ------------------------------------------------------------------ sessions
@@ -461,11 +462,6 @@ def check_supported(model) -> None:
 
 
 # ----------------------------------------------------------------------- GGUF blocks
-_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
-
-
 def _gguf_row_order(n_rows: int, n_head: int) -> torch.Tensor:
     """llama.cpp's converter interleaves the two RoPE halves of each Q/K head; this is
     the row order transformers' GGUF loader restores (so ours matches its weights)."""
@@ -473,10 +469,14 @@ def _gguf_row_order(n_rows: int, n_head: int) -> torch.Tensor:
     return idx.reshape(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def _gguf_linears(path: str | Path, spec: DecoderSpec, blocks: str = "model.layers") -> dict[str, RtLinear]:
-    """Linear weights of a Llama GGUF file, repacked block for block (no requantisation)."""
+def _gguf_linears(path: str | Path, spec: DecoderSpec, adapter) -> dict[str, RtLinear]:
+    """Linear weights of a Llama GGUF file, repacked block for block (no requantisation);
+    tensor names mapped to projections by the adapter."""
     import gguf
 
+    names, blocks = dict(adapter.gguf_linears), adapter.blocks
+    if not names:
+        raise UnsupportedArchitectureError(f"no GGUF tensor names known for {spec.model_type}")
     reader = gguf.GGUFReader(str(path))
     out: dict[str, RtLinear] = {}
     n_head, n_kv = spec.n_heads, spec.n_kv_heads
@@ -484,8 +484,8 @@ def _gguf_linears(path: str | Path, spec: DecoderSpec, blocks: str = "model.laye
         parts = t.name.split(".")
         qtype = t.tensor_type.name
         K, N = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
-        if parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
-            name = f"{blocks}.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
+        if parts[0] == "blk" and parts[2] in names and parts[-1] == "weight":
+            name = f"{blocks}.{parts[1]}.{names[parts[2]]}"
             lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
             if parts[2] in ("attn_q", "attn_k"):
                 lin = W.select_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))

@@ -25,7 +25,12 @@ import torch
 from slimformer.errors import SlimformerError
 from slimformer.models.adapters.base import adapter_for
 from slimformer.runtime import ENGINES
-from slimformer.runtime.decoder import GenerationError, NativeDecoder, check_supported, native_available
+from slimformer.runtime.decoder import (
+    GenerationError,
+    NativeDecoder,
+    check_supported,
+    native_available,
+)
 from slimformer.runtime.weights import UnsupportedFormat
 
 

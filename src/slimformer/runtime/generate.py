@@ -139,8 +139,10 @@ class Generator:
         seqs = [self.encode(p, cfg) for p in prompts]
         gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         stops = () if cfg.ignore_eos else frozenset(self.eos_ids)
-        yield from token_steps(self.engine, seqs, cfg.max_new_tokens, lambda logits: sample_next(logits, cfg, gen).tolist(),
-                               stops)
+        def pick(logits: torch.Tensor) -> list[int]:
+            return sample_next(logits, cfg, gen).tolist()
+
+        yield from token_steps(self.engine, seqs, cfg.max_new_tokens, pick, stops)
 
     def generate(self, prompts: str | list, **sampling) -> list[Generation]:
         """Generate for one prompt or a batch (strings or token-id lists)."""

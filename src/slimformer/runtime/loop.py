@@ -13,7 +13,7 @@ the engine's ``decode`` and ``pick`` return.
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 

@@ -50,6 +50,8 @@ class Adapter:
     mlp_norm: str | None = None
     q_norm: str | None = None       # per-head RMSNorm on q before rotary (Qwen3)
     k_norm: str | None = None
+    # GGUF (llama.cpp) tensor name -> projection path in a block, for reading GGUF blocks directly
+    gguf_linears: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -81,13 +83,13 @@ class Adapter:
         return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                    or default)
 
-    def decoder_spec(self, model_or_config) -> "DecoderSpec":
+    def decoder_spec(self, model_or_config) -> DecoderSpec:
         """The facts a decoder engine needs, read from the config here and nowhere else."""
         config = getattr(model_or_config, "config", model_or_config)
         heads, kv = self.num_heads(config)
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+        n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
         context = self.context_length(config)
         rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -111,7 +113,7 @@ class Adapter:
         return DecoderSpec(
             model_type=str(getattr(config, "model_type", self.family)), hidden=int(hidden), n_layers=int(n_layers),
             n_heads=int(heads), n_kv_heads=int(kv), head_dim=int(head_dim),
-            vocab=int(getattr(config, "vocab_size")), max_positions=context, rope_type=str(rope_type),
+            vocab=int(config.vocab_size), max_positions=context, rope_type=str(rope_type),
             rope_theta=theta, rope_scaling=rope or None, qk_norm=self.q_norm is not None,
             sliding_windows=windows, mlp=mlp, norm=norm, norm_eps=eps,
             attention_bias=bool(getattr(config, "attention_bias", False)),

@@ -23,6 +23,9 @@ LLAMA = register_adapter(
         rotary="model.rotary_emb",
         attn_norm="input_layernorm",
         mlp_norm="post_attention_layernorm",
+        gguf_linears=(("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                      ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                      ("ffn_down", "mlp.down_proj")),
     )
 )
 
