@@ -27,3 +27,10 @@ def test_decode_rate_cancels_prefill_and_set_up(family, engine):
     assert result["decode_latency_ms"] == 1000 / result["decode_tokens_per_s"]
     lo, hi = result["decode_tokens_per_s_range"]
     assert lo <= result["decode_tokens_per_s"] <= hi
+
+
+def test_speed_falls_back_to_hf_when_the_native_library_is_unavailable(monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_DISABLE_KERNELS", "1")
+    with pytest.warns(RuntimeWarning, match="Hugging Face engine.*SLIMFORMER_DISABLE_KERNELS"):
+        result = cost.measure_speed(tiny_model("llama"), prompt_len=8, new_tokens=3, repeats=1)
+    assert result["engine"] == "hf" and result["decode_tokens_per_s"] > 0

@@ -186,3 +186,49 @@ def test_cli_generate_with_a_memory_budget_streams_blocks(saved_llama, capsys):
     assert main(common + ["--memory-budget", "lots"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lots" in err[0]
+
+
+# ------------------------------------------------------------------ the native library unavailable
+def test_native_available_honours_the_disable_switch(monkeypatch):
+    from slimformer.runtime.decoder import native_available
+
+    assert native_available() == (True, "")
+    monkeypatch.setenv("SLIMFORMER_DISABLE_KERNELS", "1")
+    ok, why = native_available()
+    assert not ok and "SLIMFORMER_DISABLE_KERNELS" in why
+
+
+def test_auto_falls_back_to_hf_when_the_library_is_unavailable(llama, monkeypatch):
+    model, tok = llama
+    hf = Generator.from_model(model, tok, engine="hf").generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True)[0]
+    monkeypatch.setenv("SLIMFORMER_DISABLE_KERNELS", "1")
+    with pytest.warns(RuntimeWarning, match="Hugging Face engine.*SLIMFORMER_DISABLE_KERNELS"):
+        gen = Generator.from_model(model, tok)
+    assert gen.engine_name == "hf"
+    assert gen.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True)[0].token_ids == hf.token_ids
+    with pytest.raises(GenerationError, match="native engine cannot run this model.*SLIMFORMER_DISABLE_KERNELS"):
+        Generator.from_model(model, tok, engine="native")
+
+
+def test_cli_generate_without_the_native_library(saved_llama, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    common = ["generate", str(saved_llama), "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--ignore-eos"]
+    assert main(common + ["--engine", "hf"]) == 0
+    hf_text = capsys.readouterr().out
+    # a fresh process, so the warning reaches stderr as the user sees it
+    env = {**os.environ, "SLIMFORMER_DISABLE_KERNELS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "slimformer", *common], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == hf_text
+    warning = [line for line in out.stderr.splitlines() if "Hugging Face engine" in line]
+    assert len(warning) == 1 and warning[0].startswith("slimformer: warning:") and "SLIMFORMER_DISABLE_KERNELS" in warning[0]
+    assert "Traceback" not in out.stderr
+    # an explicit --engine native: one line, non-zero exit
+    monkeypatch.setenv("SLIMFORMER_DISABLE_KERNELS", "1")
+    assert main(common + ["--engine", "native"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimformer: error: native engine") and "SLIMFORMER_DISABLE_KERNELS" in err[0]

@@ -67,57 +67,39 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
-def _native_decoder(model):
-    """The native runtime for ``model`` if it can run it (Llama family), else None."""
-    from slimformer.errors import SlimformerError
-    from slimformer.runtime.decoder import NativeDecoder, check_supported
-    from slimformer.runtime.weights import UnsupportedFormat
-
-    try:
-        check_supported(model)
-        return NativeDecoder.from_model(model)
-    except (SlimformerError, UnsupportedFormat, RuntimeError):
-        return None
-
-
 @torch.inference_mode()
 def measure_speed(model, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
                   decode: bool = True, prefill: bool = True, engine: str = "auto") -> dict:
     """Prefill tokens/s over a ``prompt_len`` prompt; decode tokens/s at batch 1,
-    greedy, ``new_tokens`` forced (EOS ignored), after an 8-token prompt. ``engine``:
-    ``native`` (slimformer.runtime), ``hf`` (model.generate) or ``auto`` (native when
-    the runtime supports the model)."""
-    vocab = model.config.vocab_size
+    greedy, ``new_tokens`` forced (EOS ignored), after an 8-token prompt, through the
+    runtime's one generation loop. ``engine``: ``native`` (slimformer.runtime), ``hf``
+    (the model's own forward and cache) or ``auto`` (native when its library loads and
+    it supports the model; else hf, with a warning saying why). Encoders (no decode)
+    time one plain forward."""
+    from slimformer.models.adapters import adapter_for
+    from slimformer.runtime.engine import build_engine
+    from slimformer.runtime.loop import run_greedy
+
+    adapter = adapter_for(model)
+    vocab = adapter.decoder_spec(model).vocab if adapter.is_decoder else model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    native = _native_decoder(model) if engine in ("auto", "native") else None
-    result: dict = {"engine": "native" if native is not None else "hf"}
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context and prompt_len > context:
-        prompt_len = context  # no model has positions past its context
+    runner, name = build_engine(model, engine) if adapter.is_decoder else (None, "hf")
+    result: dict = {"engine": name}
+    prompt_len = min(prompt_len, adapter.context_length(model.config, default=prompt_len))  # no positions past it
     result["prefill_prompt_len"] = prompt_len
     if prefill:
         ids = torch.randint(0, vocab, (1, prompt_len), generator=generator)
-        if native is not None:
-            times = _time(lambda: native.prefill(native.new_session(1, prompt_len), [ids[0].tolist()]), repeats)
+        if runner is not None:
+            seq = ids[0].tolist()
+            times = _time(lambda: runner.prefill(runner.new_session(1, prompt_len), [seq]), repeats)
         else:
-            times = _time(lambda: model(input_ids=ids, use_cache=True), repeats)
+            times = _time(lambda: model(input_ids=ids), repeats)
         result["prefill_tokens_per_s"] = prompt_len / statistics.median(times)
         result["prefill_tokens_per_s_range"] = [prompt_len / max(times), prompt_len / min(times)]
     if decode:
-        prompt = torch.randint(0, vocab, (1, 8), generator=generator)
-
-        def generate(n):
-            if native is not None:
-                sess = native.new_session(1, 8 + n)
-                tok = int(native.prefill(sess, [prompt[0].tolist()])[0].argmax())
-                for _ in range(n - 1):
-                    tok = int(native.decode(sess, [tok])[0].argmax())
-                return
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-        one = statistics.median(_time(lambda: generate(1), repeats))
-        many = _time(lambda: generate(new_tokens), repeats)
+        prompt = torch.randint(0, vocab, (8,), generator=generator).tolist()
+        one = statistics.median(_time(lambda: run_greedy(runner, prompt, 1), repeats))
+        many = _time(lambda: run_greedy(runner, prompt, new_tokens), repeats)
         rates = [(new_tokens - 1) / max(t - one, 1e-9) for t in many]
         result["decode_tokens_per_s"] = statistics.median(rates)
         result["decode_tokens_per_s_range"] = [min(rates), max(rates)]

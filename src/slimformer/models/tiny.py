@@ -37,6 +37,12 @@ def _config(family: str, **overrides):
     if family == "llama":
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    elif family in ("qwen3", "mistral"):  # Llama's shape; Qwen3 adds q/k norms, Mistral a sliding window
+        cls = tf.Qwen3Config if family == "qwen3" else tf.MistralConfig
+        extra = {} if family == "qwen3" else {"sliding_window": 8}
+        cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                  **extra, **common)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     elif family == "opt":
@@ -53,7 +59,7 @@ def _config(family: str, **overrides):
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
-    """A random model of ``family`` (llama, gpt2, opt, bert) in eval mode."""
+    """A random model of ``family`` (llama, gpt2, opt, bert; also qwen3, mistral) in eval mode."""
     import transformers as tf
 
     torch.manual_seed(seed)

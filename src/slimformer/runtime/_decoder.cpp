@@ -1,5 +1,6 @@
 // slimformer native decode step for Llama-family decoders (RMSNorm, RoPE, grouped-query
-// attention over a preallocated KV cache, SiLU-gated MLP), AVX2 + FMA + OpenMP.
+// attention over a preallocated KV cache, SiLU-gated MLP; Qwen3's per-head q/k norm and
+// Mistral's sliding window), AVX2 + FMA + OpenMP.
 //
 // Why by hand: at batch 1 a decode step is ~200 small matrix-vector products; through
 // torch each costs a few microseconds of dispatch and an allocation, which is as long
@@ -49,6 +50,10 @@ struct SfLayer {
     SfLinear qkv, o;
     const float* mlp_norm;
     SfLinear gate_up, down;
+    // Appended (Qwen3, Mistral): see qk_head_norm and attn_first_position below.
+    const float* q_norm;    // [head_dim] RMSNorm weight applied to each q head before RoPE, or null
+    const float* k_norm;    // [head_dim] the same for k heads, or null
+    int32_t window;         // sliding window: attend to the last `window` positions (0: all)
 };
 
 // Per-thread scratch: every thread prepares a linear layer's input itself (RMSNorm,
@@ -504,6 +509,24 @@ static const float* rmsnorm(const SfModel& m, const float* x, const float* w, in
     return out;
 }
 
+// ------------------------------------------------------------------ Qwen3 / Mistral additions
+// Per-head RMSNorm (Qwen3's q_norm / k_norm) in place over one head vector, the same
+// arithmetic as rmsnorm above: w * (v * 1/sqrt(mean(v^2) + eps)).
+static inline void qk_head_norm(float* v, const float* w, int hd, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < hd; ++i) ss += v[i] * v[i];
+    float r = 1.f / sqrtf(ss / hd + eps);
+    for (int i = 0; i < hd; ++i) v[i] = w[i] * (v[i] * r);
+}
+
+// First cache position a query at `pos` attends to: pos - window + 1 under a sliding
+// window (HF: kv_idx > q_idx - sliding_window), else 0.
+static inline int attn_first_position(const SfLayer& L, int pos) {
+    if (L.window <= 0) return 0;
+    int first = pos - L.window + 1;
+    return first > 0 ? first : 0;
+}
+
 // HF rotate_half convention: pairs (i, i + hd/2).
 static inline void rope(float* v, const float* c, const float* s, int hd) {
     const int h2 = hd / 2;
@@ -555,6 +578,8 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
                 const float* c = m.rope_cos + (int64_t)pos[b] * (hd / 2);
                 const float* s = m.rope_sin + (int64_t)pos[b] * (hd / 2);
                 float* v = m.qkv + (int64_t)b * QKV + (int64_t)hh * hd;
+                const float* nw = hh < nh ? L.q_norm : L.k_norm;
+                if (nw) qk_head_norm(v, nw, hd, m.eps);
                 rope(v, c, s, hd);
                 if (hh >= nh) {
                     int kh = hh - nh;
@@ -563,13 +588,14 @@ void sf_decode_step(const SfModel* mp, int B, const int64_t* tokens, const int32
                     memcpy(vc + off, v + nkv * hd, sizeof(float) * hd);
                 }
             }
-            // Attention: one (sequence, query head) per iteration, over positions 0..pos[b].
+            // Attention: one (sequence, query head) per iteration, over positions t0..pos[b]
+            // (t0 = 0 without a sliding window).
 #pragma omp for schedule(static)
             for (int i = 0; i < B * nh; ++i) {
-                int b = i / nh, h = i % nh, kh = h / rep, T = pos[b] + 1;
+                int b = i / nh, h = i % nh, kh = h / rep, t0 = attn_first_position(L, pos[b]), T = pos[b] + 1 - t0;
                 const float* q = m.qkv + (int64_t)b * QKV + (int64_t)h * hd;
-                const float* kb = kc + ((int64_t)b * nkv + kh) * m.max_len * hd;
-                const float* vb = vc + ((int64_t)b * nkv + kh) * m.max_len * hd;
+                const float* kb = kc + (((int64_t)b * nkv + kh) * m.max_len + t0) * hd;
+                const float* vb = vc + (((int64_t)b * nkv + kh) * m.max_len + t0) * hd;
                 float* sc = m.scores + (int64_t)i * m.max_len;
                 float mx = -INFINITY;
                 for (int t = 0; t < T; ++t) {

@@ -12,6 +12,7 @@ and llama.cpp, by the protocol of ``../shared/MEASURING.md``:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 
 from slimformer.errors import SlimformerError
 from slimformer.runtime.decoder import NativeDecoder
+from slimformer.runtime.loop import run_greedy
 from slimformer.util.paths import public_name
 
 COMPETITORS = ("hf", "llama.cpp")
@@ -37,13 +39,9 @@ class Timed:
 
 
 def native_timed(name: str, decoder: NativeDecoder, info: dict | None = None) -> Timed:
-    def run(ids: list[int], n: int) -> None:
-        sess = decoder.new_session(1, len(ids) + n)
-        tok = int(decoder.prefill(sess, [ids])[0].argmax())
-        for _ in range(n - 1):
-            tok = int(decoder.decode(sess, [tok])[0].argmax())
-
-    return Timed(name, run, decoder.weight_bytes_per_token(), {**decoder.describe(), **(info or {})})
+    """The native engine through the one generation loop (greedy, batch 1)."""
+    return Timed(name, functools.partial(run_greedy, decoder), decoder.weight_bytes_per_token(),
+                 {**decoder.describe(), **(info or {})})
 
 
 def hf_timed(model, name: str = "hf eager fp32") -> Timed:
@@ -71,15 +69,36 @@ def llama_cpp_timed(gguf_path: str, threads: int, context: int = 1024) -> Timed:
         raise SlimformerError("--vs llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
+    return Timed("llama.cpp", functools.partial(run_greedy, _LlamaCppEngine(llm, context)), None,
+                 {"engine": f"llama-cpp-python {llama_cpp.__version__}", "gguf": public_name(gguf_path)})
 
-    def run(ids: list[int], n: int) -> None:
-        llm.reset()
-        llm.eval(ids)
-        for _ in range(n - 1):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
 
-    return Timed("llama.cpp", run, None, {"engine": f"llama-cpp-python {llama_cpp.__version__}",
-                                           "gguf": public_name(gguf_path)})
+class _LlamaCppEngine:
+    """llama-cpp-python behind the engine protocol (batch 1), so it is timed through the
+    same loop as ours. Logits are views of llama.cpp's own score rows (no copy)."""
+
+    def __init__(self, llm, context: int):
+        self.llm, self.max_positions = llm, context
+
+    def describe(self) -> dict:
+        return {"engine": "llama.cpp"}
+
+    def new_session(self, batch: int, max_len: int):
+        if batch != 1:
+            raise SlimformerError("the llama.cpp engine runs batch 1")
+        self.llm.reset()
+        return self.llm
+
+    def _last(self) -> torch.Tensor:
+        return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1])[None]
+
+    def prefill(self, sess, seqs: list[list[int]]) -> torch.Tensor:
+        self.llm.eval(seqs[0])
+        return self._last()
+
+    def decode(self, sess, tokens: list[int]) -> torch.Tensor:
+        self.llm.eval(tokens)
+        return self._last()
 
 
 def prompt_of_length(tokenizer, n: int) -> list[int]:

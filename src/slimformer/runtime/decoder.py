@@ -1,4 +1,6 @@
-"""Native KV-cached decoder for Llama-family models (Llama, Mistral, Qwen2, SmolLM2).
+"""Native KV-cached decoder for Llama-family models (Llama, Mistral with its sliding
+window, Qwen2, Qwen3 with its per-head q/k norm, SmolLM2), built from the adapter's
+:class:`~slimformer.models.adapters.DecoderSpec` and module paths.
 
 Prefill (many tokens) runs in torch: packed variable-length sequences (no padding),
 fp32 GEMMs on tiles of dequantised weights, ``scaled_dot_product_attention`` per
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.errors import SlimformerError, UnsupportedArchitectureError
-from slimformer.models.adapters.base import adapter_for
+from slimformer.models.adapters.base import DecoderSpec, adapter_for
 from slimformer.runtime import weights as W
 from slimformer.runtime.weights import RtLinear
 
@@ -44,7 +47,9 @@ class _CLinear(ctypes.Structure):
 
 class _CLayer(ctypes.Structure):
     _fields_ = [("attn_norm", _P), ("qkv", _CLinear), ("o", _CLinear), ("mlp_norm", _P),
-                ("gate_up", _CLinear), ("down", _CLinear)]
+                ("gate_up", _CLinear), ("down", _CLinear),
+                # appended: Qwen3 per-head q/k norm (null: none), sliding window (0: none)
+                ("q_norm", _P), ("k_norm", _P), ("window", ctypes.c_int32)]
 
 
 class _CScratch(ctypes.Structure):
@@ -69,9 +74,29 @@ def _c_linear(lin: RtLinear) -> _CLinear:
                     _ptr(lin.zero), _ptr(lin.bias), _ptr(lin.corr))
 
 
+def _kernels_disabled() -> bool:
+    return os.environ.get("SLIMFORMER_DISABLE_KERNELS", "").strip() not in ("", "0")
+
+
+def native_available() -> tuple[bool, str]:
+    """Whether the native decode library loads here, and if not, why (one line). The one
+    check engine selection makes: ``SLIMFORMER_DISABLE_KERNELS=1``, a CPU without
+    AVX2/FMA, no compiler or a failed build all answer ``(False, reason)``."""
+    if _kernels_disabled():
+        return False, "the native library is disabled by SLIMFORMER_DISABLE_KERNELS"
+    try:
+        native_library()
+    except Exception as exc:  # noqa: BLE001 - any failure to build or load means: not available
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return False, f"the native library is unavailable: {first}"
+    return True, ""
+
+
 def native_library() -> ctypes.CDLL:
     """The compiled decode step (built once, cached); raises RuntimeError if unavailable."""
     global _lib
+    if _kernels_disabled():
+        raise RuntimeError("native library disabled by SLIMFORMER_DISABLE_KERNELS")
     if _lib is None:
         from slimformer.kernels._build import load_library
 
@@ -95,14 +120,18 @@ class Layer:
     mlp_norm: torch.Tensor
     gate_up: RtLinear
     down: RtLinear
+    q_norm: torch.Tensor | None = None  # [head_dim] per-head RMSNorm weights (Qwen3)
+    k_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding window (Mistral): the last `window` positions
 
     def linears(self) -> list[RtLinear]:
         return [self.qkv, self.o, self.gate_up, self.down]
 
 
 @dataclass
-class Session:
-    """A preallocated KV cache and scratch for up to ``batch`` sequences of ``max_len`` tokens."""
+class NativeSession:
+    """A preallocated KV cache and scratch for up to ``batch`` sequences of ``max_len``
+    tokens (implements :class:`slimformer.runtime.engine.Session`)."""
 
     batch: int
     max_len: int
@@ -116,31 +145,37 @@ class Session:
     c_model: _CModel | None = None
 
 
-class NativeDecoder:
-    """A Llama-family decoder held in runtime formats (see :mod:`slimformer.runtime.weights`)."""
+Session = NativeSession  # the name this type had before the engine protocol
 
-    def __init__(self, config, layers: list[Layer], final_norm: torch.Tensor, lm_head: RtLinear, embed: RtLinear,
-                 inv_freq: torch.Tensor, attention_scaling: float = 1.0, eps: float = 1e-6,
+
+class NativeDecoder:
+    """A Llama-family decoder held in runtime formats (see :mod:`slimformer.runtime.weights`);
+    implements :class:`slimformer.runtime.engine.Engine`."""
+
+    name = "native"
+
+    def __init__(self, spec: DecoderSpec, layers: list[Layer], final_norm: torch.Tensor, lm_head: RtLinear,
+                 embed: RtLinear, inv_freq: torch.Tensor, attention_scaling: float = 1.0,
                  activations: str = "fp32"):
         if activations not in ACTIVATIONS:
             raise GenerationError(f"unknown activations '{activations}' (choose from {', '.join(ACTIVATIONS)})")
         self.activations = activations
-        self.config = config
+        self.spec = spec
         self.layers, self.final_norm, self.lm_head, self.embed = layers, final_norm, lm_head, embed
-        self.hidden = config.hidden_size
-        self.n_heads = config.num_attention_heads
-        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.n_heads
+        self.hidden = spec.hidden
+        self.n_heads = spec.n_heads
+        self.n_kv = spec.n_kv_heads
+        self.head_dim = spec.head_dim
         self.inter = layers[0].gate_up.N // 2
         self.vocab = lm_head.N
-        self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
-        self.eps = float(eps)
+        self.max_positions = spec.max_positions
+        self.eps = float(spec.norm_eps)
         self.inv_freq = inv_freq.float()
         self.attention_scaling = float(attention_scaling)
         self._cos, self._sin = self._rope_tables(self.max_positions)
         self._layer_structs = (_CLayer * len(layers))(*[
             _CLayer(_ptr(l.attn_norm), _c_linear(l.qkv), _c_linear(l.o), _ptr(l.mlp_norm), _c_linear(l.gate_up),
-                    _c_linear(l.down)) for l in layers])
+                    _c_linear(l.down), _ptr(l.q_norm), _ptr(l.k_norm), int(l.window or 0)) for l in layers])
         self._linear_structs = {id(lin): _c_linear(lin) for l in layers for lin in l.linears()}
         self._linear_structs[id(lm_head)] = _c_linear(lm_head)
 
@@ -159,10 +194,13 @@ class NativeDecoder:
         if head not in HEADS:
             raise GenerationError(f"unknown head '{head}' (choose from {', '.join(HEADS)})")
         check_supported(model)
+        ok, why = native_available()
+        if not ok:
+            raise GenerationError(f"native engine unavailable: {why}")
         adapter = adapter_for(model)
-        cfg = model.config
+        spec = adapter.decoder_spec(model)
         blocks = adapter.get_blocks(model)
-        gguf = _gguf_linears(gguf_path, cfg) if gguf_path is not None else {}
+        gguf = _gguf_linears(gguf_path, spec, adapter) if gguf_path is not None else {}
 
         def lin(i: int, name: str) -> RtLinear:
             full = f"{adapter.blocks}.{i}.{name}"
@@ -170,18 +208,25 @@ class NativeDecoder:
                 return gguf[full]
             return W.from_module(full, blocks[i].get_submodule(name))
 
+        def weight(module_or_block, path: str | None) -> torch.Tensor | None:
+            if path is None:
+                return None
+            return module_or_block.get_submodule(path).weight.detach().float().contiguous()
+
         layers = []
         for i, block in enumerate(blocks):
             layers.append(Layer(
-                attn_norm=block.input_layernorm.weight.detach().float().contiguous(),
-                qkv=W.concat(f"{adapter.blocks}.{i}.self_attn.qkv", [lin(i, n) for n in adapter.attention_in]),
+                attn_norm=weight(block, adapter.attn_norm),
+                qkv=W.concat(f"{adapter.blocks}.{i}.qkv", [lin(i, n) for n in adapter.attention_in]),
                 o=lin(i, adapter.attention_out[0]),
-                mlp_norm=block.post_attention_layernorm.weight.detach().float().contiguous(),
-                gate_up=W.concat(f"{adapter.blocks}.{i}.mlp.gate_up", [lin(i, n) for n in adapter.mlp_in]),
+                mlp_norm=weight(block, adapter.mlp_norm),
+                gate_up=W.concat(f"{adapter.blocks}.{i}.gate_up", [lin(i, n) for n in adapter.mlp_in]),
                 down=lin(i, adapter.mlp_out[0]),
+                q_norm=weight(block, adapter.q_norm), k_norm=weight(block, adapter.k_norm),
+                window=spec.sliding_windows[i],
             ))
-        inner = model.model
-        emb_module, head_module = inner.embed_tokens, model.get_output_embeddings()
+        emb_module = model.get_submodule(adapter.embed_tokens)
+        head_module = model.get_submodule(adapter.lm_head) if adapter.lm_head else None
         tied = head_module is not None and getattr(head_module, "weight", None) is emb_module.weight
         if "lm_head" in gguf:
             lm_head = gguf["lm_head"]
@@ -198,10 +243,13 @@ class NativeDecoder:
             embed = lm_head  # one copy of the tied table: rows looked up, the same bytes multiplied
         else:
             embed = W.from_dense("embed_tokens", emb_module.weight, None)
-        rotary = inner.rotary_emb
-        eps = getattr(cfg, "rms_norm_eps", 1e-6)
-        return cls(cfg, layers, inner.norm.weight.detach().float().contiguous(), lm_head, embed,
-                   rotary.inv_freq.detach(), getattr(rotary, "attention_scaling", 1.0), eps, activations)
+        rotary = model.get_submodule(adapter.rotary)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None:  # the default RoPE from theta (what HF's default initialisation computes)
+            inv_freq = 1.0 / spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float()
+                                                 / spec.head_dim)
+        return cls(spec, layers, weight(model, adapter.final_norm), lm_head, embed, inv_freq.detach(),
+                   getattr(rotary, "attention_scaling", 1.0), activations)
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The same float ops as HF's LlamaRotaryEmbedding, so positions match exactly.
@@ -217,11 +265,12 @@ class NativeDecoder:
 
     def describe(self) -> dict:
         kinds = sorted({W.KIND_NAMES[lin.kind] for l in self.layers for lin in l.linears()})
-        return {"layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind], "activations": self.activations,
+        return {"engine": "native", "layers": kinds, "lm_head": W.KIND_NAMES[self.lm_head.kind],
+                "activations": self.activations,
                 "bytes_per_token": self.weight_bytes_per_token()}
 
     # ------------------------------------------------------------------ sessions
-    def new_session(self, batch: int, max_len: int) -> Session:
+    def new_session(self, batch: int, max_len: int) -> NativeSession:
         """Allocate the KV cache and every scratch buffer once, for a whole generation."""
         if max_len > self.max_positions:
             raise GenerationError(f"{max_len} tokens exceed the model's context of {self.max_positions}")
@@ -243,7 +292,7 @@ class NativeDecoder:
         scratch = (_CScratch * threads)(*[_CScratch(*[_ptr(t[n]) for n in ("h", "xg", "xb", "qx", "sx", "qsum")])
                                           for t in per_thread])
         buf["per_thread"], buf["scratch_structs"] = per_thread, scratch
-        sess = Session(batch, max_len, k, v, [0] * batch, torch.empty(batch, self.vocab),
+        sess = NativeSession(batch, max_len, k, v, [0] * batch, torch.empty(batch, self.vocab),
                        torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int32), buf)
         sess.c_model = _CModel(
             L, D, self.n_heads, self.n_kv, hd, self.inter, self.vocab, max_len, batch, self.max_positions, self.eps,
@@ -271,13 +320,26 @@ class NativeDecoder:
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
+    def _head_rms(self, t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm over the last (head) dimension; identity without weights."""
+        return t if w is None else self._rms(t, w)
+
+    @staticmethod
+    def _window_mask(n: int, window: int | None) -> torch.Tensor | None:
+        """Causal mask restricted to the last ``window`` positions (HF: kv > q - window),
+        or None when plain causal attention is the same thing."""
+        if window is None or n <= window:
+            return None
+        i = torch.arange(n)
+        return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         c, s = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
         h = t.shape[-1] // 2
         a, b = t[..., :h], t[..., h:]
         return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
 
-    def _forward_packed(self, sess: Session | None, seqs: list[list[int]], rows: list[int]) -> torch.Tensor:
+    def _forward_packed(self, sess: NativeSession | None, seqs: list[list[int]], rows: list[int]) -> torch.Tensor:
         """Run sequences (concatenated, no padding) from position 0; write their K/V into
         ``sess`` rows ``rows``. Returns the final hidden states ``[total tokens, hidden]``."""
         lengths = [len(s) for s in seqs]
@@ -292,8 +354,8 @@ class NativeDecoder:
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.attn_norm)
             qkv = self._matmul(h, layer.qkv)
-            q = self._rope(qkv[:, : nh * hd].reshape(T, nh, hd), pos)
-            k = self._rope(qkv[:, nh * hd: (nh + nkv) * hd].reshape(T, nkv, hd), pos)
+            q = self._rope(self._head_rms(qkv[:, : nh * hd].reshape(T, nh, hd), layer.q_norm), pos)
+            k = self._rope(self._head_rms(qkv[:, nh * hd: (nh + nkv) * hd].reshape(T, nkv, hd), layer.k_norm), pos)
             v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
             out = torch.empty(T, nh * hd)
             for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
@@ -301,7 +363,11 @@ class NativeDecoder:
                 if sess is not None:
                     sess.k_cache[li, rows[i], :, : b - a] = ki[0]
                     sess.v_cache[li, rows[i], :, : b - a] = vi[0]
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=nh != nkv)
+                mask = self._window_mask(b - a, layer.window)
+                if mask is None:
+                    o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=nh != nkv)
+                else:
+                    o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=nh != nkv)
                 out[a:b] = o[0].transpose(0, 1).reshape(b - a, nh * hd)
             x = x + self._matmul(out, layer.o)
             gu = self._matmul(self._rms(x, layer.mlp_norm), layer.gate_up)
@@ -309,7 +375,7 @@ class NativeDecoder:
         return x
 
     @torch.inference_mode()
-    def prefill(self, sess: Session, seqs: list[list[int]]) -> torch.Tensor:
+    def prefill(self, sess: NativeSession, seqs: list[list[int]]) -> torch.Tensor:
         """Fill the cache with ``seqs`` (one per session row, from position 0) and return
         the logits of each sequence's last token ``[len(seqs), vocab]``."""
         if len(seqs) > sess.batch:
@@ -333,7 +399,7 @@ class NativeDecoder:
         x = self._forward_packed(None, [seq], [0])
         return self._matmul(self._rms(x, self.final_norm), self.lm_head)
 
-    def native_linear(self, sess: Session, lin: RtLinear, x: torch.Tensor) -> torch.Tensor:
+    def native_linear(self, sess: NativeSession, lin: RtLinear, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K] @ W^T`` through the decode kernel (M <= the session's batch), for
         tests and benchmarks; the decode step calls the same code."""
         x = x.float().contiguous()
@@ -346,7 +412,7 @@ class NativeDecoder:
         return y
 
     # ------------------------------------------------------------------ decode (native)
-    def decode(self, sess: Session, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+    def decode(self, sess: NativeSession, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Append one token to each of the first ``len(tokens)`` sequences; returns their
         next-token logits ``[B, vocab]`` (a view of the session's buffer)."""
         B = len(tokens)
@@ -362,32 +428,40 @@ class NativeDecoder:
 
 
 # ----------------------------------------------------------------------- support checks
+_ROPE_TYPES = ("default", "linear", "llama3")  # a fixed inv_freq table, as the rotary module holds it
+
+
 def check_supported(model) -> None:
-    """Raise UnsupportedArchitectureError (one line, naming what) when the native decoder
-    cannot run ``model``; callers then fall back to the Hugging Face path."""
+    """Raise UnsupportedArchitectureError (one line, naming the feature) when the native
+    decoder cannot run ``model``; callers then fall back to the Hugging Face path. Every
+    fact comes from the model's adapter."""
     adapter = adapter_for(model)
-    cfg = model.config
-    if adapter.family != "llama" or not adapter.is_decoder:
-        raise UnsupportedArchitectureError(f"native decoder runs Llama-family models, not {cfg.model_type}")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise UnsupportedArchitectureError(f"native decoder needs SiLU MLPs, {cfg.model_type} uses {cfg.hidden_act}")
-    block = adapter.get_blocks(model)[0]
-    if hasattr(block.self_attn, "q_norm"):
-        raise UnsupportedArchitectureError(f"native decoder has no per-head q/k norm ({cfg.model_type})")
-    rope = getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3"):
-        raise UnsupportedArchitectureError(f"native decoder has no {rope.get('rope_type')} RoPE")
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
-        raise UnsupportedArchitectureError("native decoder has no sliding-window attention")
+    spec = adapter.decoder_spec(model) if adapter.is_decoder else None
+    what = spec.model_type if spec is not None else adapter.family
+
+    def no(feature: str) -> None:
+        raise UnsupportedArchitectureError(
+            f"native decoder runs Llama-family decoders (RMSNorm, RoPE, gated SiLU MLP); {what} {feature}")
+
+    if spec is None:
+        no("is not a decoder")
+    missing = [n for n in ("embed_tokens", "final_norm", "rotary", "attn_norm", "mlp_norm")
+               if getattr(adapter, n) is None]
+    if missing:
+        no(f"has no RoPE/RMSNorm pre-norm layout (its adapter names no {', '.join(missing)})")
+    if len(adapter.attention_in) != 3 or len(adapter.mlp_in) != 2:
+        no("has no separate q/k/v and gate/up projections")
+    if spec.mlp != "gated_silu":
+        no(f"uses a {spec.mlp} MLP, not gated SiLU")
+    if spec.norm != "rms":
+        no(f"uses {spec.norm} norms, not RMSNorm")
+    if spec.rope_type not in _ROPE_TYPES:
+        no(f"uses {spec.rope_type} RoPE (supported: {', '.join(_ROPE_TYPES)})")
+    if spec.head_dim % 2:
+        no(f"has an odd head dimension ({spec.head_dim})")
 
 
 # ----------------------------------------------------------------------- GGUF blocks
-_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
-
-
 def _gguf_row_order(n_rows: int, n_head: int) -> torch.Tensor:
     """llama.cpp's converter interleaves the two RoPE halves of each Q/K head; this is
     the row order transformers' GGUF loader restores (so ours matches its weights)."""
@@ -395,20 +469,23 @@ def _gguf_row_order(n_rows: int, n_head: int) -> torch.Tensor:
     return idx.reshape(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def _gguf_linears(path: str | Path, config) -> dict[str, RtLinear]:
-    """Linear weights of a Llama GGUF file, repacked block for block (no requantisation)."""
+def _gguf_linears(path: str | Path, spec: DecoderSpec, adapter) -> dict[str, RtLinear]:
+    """Linear weights of a Llama GGUF file, repacked block for block (no requantisation);
+    tensor names mapped to projections by the adapter."""
     import gguf
 
+    names, blocks = dict(adapter.gguf_linears), adapter.blocks
+    if not names:
+        raise UnsupportedArchitectureError(f"no GGUF tensor names known for {spec.model_type}")
     reader = gguf.GGUFReader(str(path))
     out: dict[str, RtLinear] = {}
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    n_head, n_kv = spec.n_heads, spec.n_kv_heads
     for t in reader.tensors:
         parts = t.name.split(".")
         qtype = t.tensor_type.name
         K, N = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
-        if parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
-            name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}"
+        if parts[0] == "blk" and parts[2] in names and parts[-1] == "weight":
+            name = f"{blocks}.{parts[1]}.{names[parts[2]]}"
             lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
             if parts[2] in ("attn_q", "attn_k"):
                 lin = W.select_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))

@@ -1,6 +1,7 @@
 """Text generation: greedy and sampling, stop tokens and strings, streaming, batches.
 
-Two engines behind one loop:
+Two engines (:mod:`slimformer.runtime.engine`) behind the one loop
+(:func:`slimformer.runtime.loop.token_steps`):
   * ``native``: :class:`~slimformer.runtime.decoder.NativeDecoder` (Llama family), packed
     prefill and the fused C++ decode step over a preallocated KV cache;
   * ``hf``: the model's own forward with its KV cache, for every other architecture
@@ -10,22 +11,17 @@ Two engines behind one loop:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from slimformer.errors import SlimformerError
-from slimformer.runtime import ENGINES
-from slimformer.runtime.decoder import (
-    GenerationError,
-    NativeDecoder,
-    check_supported,
-    gguf_source_path,
-)
-from slimformer.runtime.weights import UnsupportedFormat
+from slimformer.runtime.decoder import GenerationError, gguf_source_path
+from slimformer.runtime.engine import HFEngine, build_engine
+from slimformer.runtime.loop import token_steps
+
+__all__ = ["Generation", "Generator", "HFEngine", "SamplingConfig", "generate", "sample_next", "stop_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -89,40 +85,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
-# ----------------------------------------------------------------------- HF engine
-class HFEngine:
-    """The model's own forward and KV cache; left-padded batches with explicit positions."""
-
-    def __init__(self, model):
-        self.model = model
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", None)
-                                 or getattr(model.config, "n_positions", 2048))
-
-    def new_session(self, batch: int, max_len: int) -> dict:
-        if max_len > self.max_positions:
-            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.max_positions}")
-        return {"past": None, "mask": None}
-
-    @torch.inference_mode()
-    def prefill(self, sess: dict, seqs: list[list[int]]) -> torch.Tensor:
-        longest = max(len(s) for s in seqs)
-        pad = 0
-        ids = torch.tensor([[pad] * (longest - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True)
-        sess.update(past=out.past_key_values, mask=mask)
-        return out.logits[:, -1].float()
-
-    @torch.inference_mode()
-    def decode(self, sess: dict, tokens: list[int]) -> torch.Tensor:
-        mask = torch.cat([sess["mask"], torch.ones(len(tokens), 1, dtype=sess["mask"].dtype)], dim=1)
-        out = self.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask,
-                         position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=sess["past"], use_cache=True)
-        sess.update(past=out.past_key_values, mask=mask)
-        return out.logits[:, -1].float()
-
-
 # ----------------------------------------------------------------------- generator
 @dataclass
 class Generator:
@@ -138,19 +100,8 @@ class Generator:
                    activations: str = "fp32") -> "Generator":
         """``gguf_path``: run that GGUF file's own quantised blocks (native engine only);
         ``activations``: ``fp32`` or ``int8`` decode arithmetic (see NativeDecoder.from_model)."""
-        if engine not in ENGINES:
-            raise GenerationError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
-        if engine in ("auto", "native"):
-            try:
-                check_supported(model)
-                runner = NativeDecoder.from_model(model, gguf_path=gguf_path, activations=activations)
-                return cls(runner, tokenizer, "native", stop_token_ids(model, tokenizer))
-            except (UnsupportedFormat, SlimformerError, RuntimeError) as exc:
-                if engine == "native":
-                    raise GenerationError(f"native engine cannot run this model: {exc}") from None
-                warnings.warn(f"slimformer.generate: using the Hugging Face engine ({exc})", RuntimeWarning,
-                              stacklevel=2)
-        return cls(HFEngine(model), tokenizer, "hf", stop_token_ids(model, tokenizer))
+        runner, name = build_engine(model, engine, gguf_path=gguf_path, activations=activations)
+        return cls(runner, tokenizer, name, stop_token_ids(model, tokenizer))
 
     @classmethod
     def from_source(cls, source: str, engine: str = "auto", weights: str = "auto", trust_pickle: bool = False,
@@ -187,23 +138,11 @@ class Generator:
         """Yield, per step, the new token of each prompt (None once it has finished)."""
         seqs = [self.encode(p, cfg) for p in prompts]
         gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        sess = self.engine.new_session(len(seqs), max(len(s) for s in seqs) + cfg.max_new_tokens)
-        logits = self.engine.prefill(sess, seqs)
-        done = [False] * len(seqs)
-        for step in range(cfg.max_new_tokens):
-            nxt = sample_next(logits, cfg, gen).tolist()
-            out = []
-            for b, t in enumerate(nxt):
-                if done[b]:
-                    out.append(None)
-                    continue
-                out.append(t)
-                if t in self.eos_ids and not cfg.ignore_eos:
-                    done[b] = True
-            yield out
-            if all(done) or step == cfg.max_new_tokens - 1:
-                return
-            logits = self.engine.decode(sess, nxt)
+        stops = () if cfg.ignore_eos else frozenset(self.eos_ids)
+        def pick(logits: torch.Tensor) -> list[int]:
+            return sample_next(logits, cfg, gen).tolist()
+
+        yield from token_steps(self.engine, seqs, cfg.max_new_tokens, pick, stops)
 
     def generate(self, prompts: str | list, **sampling) -> list[Generation]:
         """Generate for one prompt or a batch (strings or token-id lists)."""

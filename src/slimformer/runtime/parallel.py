@@ -533,18 +533,24 @@ def tp_forward(source, input_ids: torch.Tensor, world_size: int, *, repeats: int
 @torch.inference_mode()
 def greedy_generate(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding with the KV cache: ``prompt_ids`` ``[batch, seq]`` plus
-    ``new_tokens`` tokens (no early stop at EOS). Under a process group rank 0's choice
-    is broadcast each step, so the ranks cannot diverge on float ties."""
-    ids = prompt_ids.to(next(model.parameters()).device)
-    out = model(input_ids=ids, use_cache=True)
-    for step in range(new_tokens):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+    ``new_tokens`` tokens (no early stop at EOS), through the runtime's one generation
+    loop on the HF engine. Under a process group rank 0's choice is broadcast each step,
+    so the ranks cannot diverge on float ties."""
+    from slimformer.runtime.engine import HFEngine
+    from slimformer.runtime.loop import generate_ids, greedy
+
+    engine = HFEngine(model)
+    pick = greedy
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        def pick(logits: torch.Tensor) -> list[int]:
+            nxt = logits.argmax(-1)
             dist.broadcast(nxt, src=0)
-        ids = torch.cat([ids, nxt], dim=1)
-        if step + 1 < new_tokens:
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-    return ids.cpu()
+            return nxt.tolist()
+
+    new = generate_ids(engine, prompt_ids.tolist(), new_tokens, pick)
+    if not new_tokens:
+        return prompt_ids.cpu()
+    return torch.cat([prompt_ids.cpu(), torch.tensor(new, dtype=prompt_ids.dtype)], dim=1)
 
 
 def _tp_generate_rank(source, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """The families slimformer knows. Adding one: a new ``register_adapter`` entry here,
 a tiny-model builder in ``models/tiny.py`` and a loader test."""
 
+from dataclasses import replace
+
 from slimformer.models.adapters.base import Adapter, NormGroup, register_adapter
 
 LLAMA = register_adapter(
     Adapter(
         family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+        model_types=("llama", "mistral", "qwen2", "smollm3"),
         blocks="model.layers",
         attention_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         attention_out=("self_attn.o_proj",),
@@ -16,8 +18,19 @@ LLAMA = register_adapter(
             NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
+        embed_tokens="model.embed_tokens",
+        final_norm="model.norm",
+        rotary="model.rotary_emb",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        gguf_linears=(("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                      ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                      ("ffn_down", "mlp.down_proj")),
     )
 )
+
+# Qwen3: Llama's layout plus an RMSNorm per head on q and k, before rotary.
+QWEN3 = register_adapter(replace(LLAMA, model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))
 
 GPT2 = register_adapter(
     Adapter(
