@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from slimformer.core.runner import RunResult, run_transforms
+from slimformer.core.runner import RunResult, TrainingRun, recipe_segments, recipe_summary, run_recipe, run_transforms
 from slimformer.core.transform import Needs, check_targets
 from slimformer.data import (
     calibration_set,
@@ -92,7 +92,7 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
         if calib is None:
             raise DataError(f"recipe {recipe.name} needs calibration data: pass --calib DATA")
         calib_ids, calib_meta = calibration_set(tokenizer, calib, calib_samples, seqlen, calib_seed)
-    run = run_transforms(target, recipe.stages, calib_ids, progress=progress)
+    run = run_recipe(target, recipe.stages, calib=calib_ids, progress=progress)
     result = CompressResult(target, tokenizer, recipe, run, calibration=calib_meta)
     if out is not None:
         extra = {"calibration": calib_meta, "fallbacks": run.fallbacks, "compress_seconds": run.seconds,
@@ -291,23 +291,32 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     """Train ``model`` with ``recipe`` on ``data`` (its calibration half for built-in sources:
     never the evaluation text) and write the result to ``out``.
 
-    The recipe's stages run in order: one-shot stages (e.g. Magnitude) before training,
-    the training stages' hooks during it, later one-shot stages after it. Checkpoints go
-    to ``out/checkpoint-<step>`` every ``save_every`` steps; ``resume`` continues from the
+    The recipe's stages run in order (:func:`slimformer.core.runner.run_recipe`): one-shot
+    stages (e.g. Magnitude) before training, the training stages' hooks and loss terms
+    during it, later one-shot stages after it. The loss is the recipe's ``train: loss``
+    terms (``causal_lm``, ``distill``: the dense model before any stage teaches, unless
+    ``teacher`` is given) plus those the stages add. Checkpoints go to
+    ``out/checkpoint-<step>`` every ``save_every`` steps; ``resume`` continues from the
     newest one (refused if it belongs to another model or recipe). The trained model is
     written into ``out`` with its ``slimformer.json`` last.
+
+    Parameters:
+        recipe: built-in recipe name or a YAML file with training stages
+        data: training DATA: pydoc (its calibration half), a text/JSONL file or directory
+        out: output directory (the trained model; checkpoints in OUT/checkpoint-N)
+        steps: optimiser steps (default: the recipe's, else 100)
+        batch_size: sequences per micro-batch (default: the recipe's, else 4)
+        seq_len: tokens per sequence (default: the recipe's, else 512)
+        lr: peak learning rate (default: the recipe's, else 1e-4)
+        grad_accum: micro-batches per step (default: the recipe's, else 1)
+        warmup_steps: linear warm-up steps (default: the recipe's, else 0)
+        save_every: write a checkpoint every N steps (default: only the final model)
+        resume: continue from the newest checkpoint in OUT
+        overwrite: replace an existing output directory
     """
-    from slimformer.core.transform import target_weights
     from slimformer.errors import OutputExistsError, TrainingError
     from slimformer.models.hf import COMPRESSED_MARKER
-    from slimformer.techniques.sparsity.training import describe_sparsity
-    from slimformer.train.loop import (
-        TokenBatches,
-        TrainConfig,
-        Trainer,
-        list_checkpoints,
-        run_fingerprint,
-    )
+    from slimformer.train.loop import TokenBatches, TrainConfig, list_checkpoints, run_fingerprint
     from slimformer.util.atomic import publish_into
 
     recipe = _recipe(recipe)
@@ -316,23 +325,20 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     out = Path(out)
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
-    training = [i for i, stage in enumerate(recipe.stages) if stage.requires() is Needs.TRAINING]
-    if not training:
+    if not any(stage.requires() is Needs.TRAINING for stage in recipe.stages):
         raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. FineTune, MaskedFineTune, GMP, STE, TopKAST)")
-    first, last = training[0], training[-1]
-    if any(stage.requires() is not Needs.TRAINING for stage in recipe.stages[first:last + 1]):
-        raise TrainingError(f"recipe {recipe.name}: the training stages must be consecutive")
+    try:
+        recipe_segments(recipe.stages)
+    except RecipeError as exc:
+        raise TrainingError(f"recipe {recipe.name}: {exc}") from None
 
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     if getattr(base, "slimformer_meta", None):
         raise TrainingError(f"{source} is a compressed model; train the original model")
     _check_decoder(base, "training")
-    adapter = adapter_for(base)
-    check_targets(recipe.stages, base, adapter)
+    check_targets(recipe.stages, base, adapter_for(base))
     target = copy.deepcopy(base) if isinstance(model, (tuple, list)) else base
-    if config.loss == "distill" and teacher is None:
-        teacher = copy.deepcopy(base).eval()   # the dense model, before any stage, teaches
-    elif teacher is not None:
+    if teacher is not None:
         teacher = _model_and_tokenizer(teacher)[0].eval()
     text = load_text(data, role="calib")
     batches = TokenBatches(tokenize(text, tokenizer), config.batch_size, config.seq_len, config.seed)
@@ -340,27 +346,12 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
         for old in list_checkpoints(out):
             shutil.rmtree(old)
 
-    def one_shot(stages):
-        if not stages:
-            return
-        calib = None
-        if any(s.requires() is Needs.CALIBRATION for s in stages):
-            calib, _ = calibration_set(tokenizer, data, 128, config.seq_len, None)
-        run_transforms(target, stages, calib, progress=progress)
-
-    one_shot(recipe.stages[:first])
-    target.requires_grad_(True)
-    hooks = [stage.training_hook(target, adapter, config) for stage in recipe.stages[first:last + 1]]
-    trainer = Trainer(target, config, batches, hooks=hooks, teacher=teacher, checkpoint_dir=out,
-                      fingerprint=run_fingerprint(target, recipe.text or recipe.name, source), progress=progress)
-    result = trainer.run(resume=resume)
-    target.requires_grad_(False)
-    one_shot(recipe.stages[last + 1:])
-
-    sparsity = None
-    pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.techniques.sparsity")]
-    if pruned:
-        sparsity = describe_sparsity(target_weights(target, adapter, pruned[0].targets))
+    training = TrainingRun(config, batches, teacher=teacher, checkpoint_dir=out, resume=resume,
+                           fingerprint=run_fingerprint(target, recipe.text or recipe.name, source))
+    run = run_recipe(target, recipe.stages, train=training, progress=progress,
+                     calib=lambda: calibration_set(tokenizer, data, 128, config.seq_len, None)[0])
+    result = run.training
+    sparsity = recipe_summary(target, recipe.stages).get("sparsity")
     extra = {"training": {"config": dataclasses.asdict(config), "data": text.describe(),
                           "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                           "final_loss": result.history[-1]["loss"] if result.history else None,
