@@ -14,12 +14,8 @@ def load(source, dtype="float32", trust_pickle=False):
 
 def __getattr__(name):
     # The public API lives in api.py; import lazily so `import slimformer` stays fast.
-    if name in ("compress", "evaluate", "compare", "train"):
+    if name in ("compress", "evaluate", "compare", "train", "generate", "export", "inspect", "bench"):
         from slimformer import api
 
         return getattr(api, name)
-    if name == "generate":
-        from slimformer.runtime.generate import generate
-
-        return generate
     raise AttributeError(name)

@@ -1,6 +1,9 @@
-"""The public functions: load, compress, train, evaluate, compare, study_w8a8. The CLI is a thin
-layer over these. Importing this module loads the built-in plugins (techniques, module types,
-exporters), so every name a recipe or a saved model uses is known."""
+"""The public functions: load, compress, train, evaluate, compare, generate, export, inspect,
+bench, study_w8a8, and their defaults, once. The CLI is derived from them: its options take
+their defaults from these signatures and their help from the ``Parameters:`` lines of these
+docstrings (one ``name: text`` line per parameter). Importing this module loads the built-in
+plugins (techniques, module types, exporters), so every name a recipe or a saved model uses
+is known."""
 
 from __future__ import annotations
 
@@ -13,12 +16,20 @@ import platform
 import shutil
 import sys
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from slimformer.core.runner import RunResult, run_transforms
+from slimformer.core.runner import (
+    RunResult,
+    TrainingRun,
+    recipe_segments,
+    recipe_summary,
+    run_recipe,
+    run_transforms,
+)
 from slimformer.core.transform import Needs, check_targets
 from slimformer.data import (
     calibration_set,
@@ -34,8 +45,11 @@ from slimformer.models.adapters import adapter_for
 from slimformer.models.compressed import library_versions, save_compressed, weight_bytes
 from slimformer.models.load import load as _load_model
 from slimformer.plugins import load_builtin
-from slimformer.recipes import Recipe, load_recipe
+from slimformer.recipes import Recipe, apply_overrides, load_recipe
 from slimformer.util.atomic import atomic_directory, check_output_dir
+
+if typing.TYPE_CHECKING:
+    from slimformer.train.loop import TrainResult
 
 load_builtin()
 
@@ -44,7 +58,12 @@ DEFAULT_COMPARE_RECIPES = ("rtn-w8", "rtn-w4-g64", "rtn-w4-g32", "rtn-w3-g64")
 
 def load(source, dtype="float32", trust_pickle: bool = False):
     """``(model, tokenizer)`` on CPU from a built-in name, a Hugging Face directory or id, a
-    compressed or offloadable slimformer directory, or a GGUF file."""
+    compressed or offloadable slimformer directory, or a GGUF file.
+
+    Parameters:
+        source: built-in name (smollm2-135m, minilm-l6), HF id or directory, .gguf file, or a compressed directory
+        trust_pickle: allow pickle-only checkpoints (runs code from the file)
+    """
     return _load_model(source, dtype=dtype, trust_pickle=trust_pickle)
 
 
@@ -56,8 +75,9 @@ def _model_and_tokenizer(model, source_name: str | None = None):
     return loaded, tokenizer, source_name or str(model)
 
 
-def _recipe(recipe) -> Recipe:
-    return recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+def _recipe(recipe, overrides=()) -> Recipe:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    return apply_overrides(recipe, overrides) if overrides else recipe
 
 
 @dataclass
@@ -73,10 +93,22 @@ class CompressResult:
 
 def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples: int = 128,
              seqlen: int = 512, calib_seed: int | None = None, overwrite: bool = False,
-             progress: bool = True, inplace: bool = False, source_name: str | None = None) -> CompressResult:
+             progress: bool = True, inplace: bool = False, source_name: str | None = None,
+             overrides=()) -> CompressResult:
     """Apply ``recipe`` (built-in name, YAML path or Recipe) to ``model`` (a source for
-    :func:`slimformer.load` or a ``(model, tokenizer)`` pair); write ``out`` if given."""
-    recipe = _recipe(recipe)
+    :func:`slimformer.load` or a ``(model, tokenizer)`` pair); write ``out`` if given.
+
+    Parameters:
+        recipe: built-in recipe name (see `slimformer recipes`) or a YAML file
+        out: output directory
+        calib: calibration DATA: pydoc, wikitext2, or a path (for recipes that need it)
+        calib_samples: calibration sequences
+        seqlen: calibration sequence length
+        calib_seed: sample calibration windows at random with this seed (default: the first ones in order)
+        overwrite: replace an existing output directory
+        overrides: recipe argument overrides, "Stage.field=value" (e.g. GPTQ.block_size=64)
+    """
+    recipe = _recipe(recipe, overrides)
     if out is not None:
         check_output_dir(Path(out), overwrite)   # fail before the slow part
     if any(stage.requires() is Needs.TRAINING for stage in recipe.stages):
@@ -92,7 +124,7 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
         if calib is None:
             raise DataError(f"recipe {recipe.name} needs calibration data: pass --calib DATA")
         calib_ids, calib_meta = calibration_set(tokenizer, calib, calib_samples, seqlen, calib_seed)
-    run = run_transforms(target, recipe.stages, calib_ids, progress=progress)
+    run = run_recipe(target, recipe.stages, calib=calib_ids, progress=progress)
     result = CompressResult(target, tokenizer, recipe, run, calibration=calib_meta)
     if out is not None:
         extra = {"calibration": calib_meta, "fallbacks": run.fallbacks, "compress_seconds": run.seconds,
@@ -112,7 +144,19 @@ def evaluate(model, data: str | None = "pydoc", *, seqlen: int = 512, windows: i
              stride: int | None = None, tasks=(), task_data=None, limit: int | None = None,
              reference=None, speed: bool = False, progress: bool = True, source_name: str | None = None) -> dict:
     """Quality and cost of one model. Decoders: perplexity on ``data`` (and agreement
-    with ``reference``); encoders: embedding cosine to ``reference``; plus tasks."""
+    with ``reference``); encoders: embedding cosine to ``reference``; plus tasks.
+
+    Parameters:
+        data: DATA: pydoc, wikitext2, or a text/JSONL file or directory
+        seqlen: window length
+        windows: number of windows (default: all)
+        stride: sliding-window stride (default: non-overlapping)
+        tasks: comma-separated task names
+        task_data: directory of task files (default $SLIMFORMER_TASK_DATA)
+        limit: first N examples of each task
+        reference: model to measure agreement (KL, top-1) or embedding cosine against
+        speed: also measure prefill and decode tokens/s
+    """
     task_dir = resolve_task_data(task_data) if tasks else None   # fail before the slow part
     loaded, tokenizer, source = _model_and_tokenizer(model, source_name)
     ref = _model_and_tokenizer(reference)[0] if reference is not None else None
@@ -208,15 +252,34 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
             calib: str | None = None, calib_samples: int = 128, seqlen: int = 512, windows: int | None = 20,
             tasks=(), task_data=None, limit: int | None = None, speed: bool = True,
             new_tokens: int = 16, speed_repeats: int = 2, overwrite: bool = False, save_models: bool = False,
-            progress: bool = True, source_name: str | None = None) -> list[dict]:
+            progress: bool = True, source_name: str | None = None, overrides=()) -> list[dict]:
     """Measure the uncompressed model and one variant per recipe on the same data;
-    write ``report.{html,md,json}`` to ``out``."""
+    write ``report.{html,md,json}`` to ``out``.
+
+    Parameters:
+        recipes: comma-separated recipes
+        data: evaluation DATA
+        out: report directory
+        calib: calibration DATA (default: the calibration half of a built-in DATA)
+        calib_samples: calibration sequences
+        seqlen: window and calibration sequence length
+        windows: evaluation windows
+        tasks: comma-separated task names
+        task_data: directory of task files (default $SLIMFORMER_TASK_DATA)
+        limit: first N examples of each task
+        speed: measure speed and memory
+        new_tokens: decode tokens timed per run
+        speed_repeats: timed runs after a warm-up; the median is reported
+        overwrite: replace an existing report directory
+        save_models: keep each compressed model under OUT/models/
+        overrides: recipe argument overrides, "Stage.field=value", applied to every recipe with that stage
+    """
     from slimformer.report import write_report
 
     if out is not None:
         check_output_dir(Path(out), overwrite)
     task_dir = resolve_task_data(task_data) if tasks else None
-    recipes = [_recipe(r) for r in recipes]
+    recipes = override_each([_recipe(r) for r in recipes], overrides)
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     _check_decoder(base, "compare")
     text = load_text(data, role="eval")
@@ -287,52 +350,64 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
           seq_len: int | None = None, lr: float | None = None, grad_accum: int | None = None,
           warmup_steps: int | None = None, save_every: int | None = None, teacher=None,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          source_name: str | None = None) -> TrainOutcome:
+          source_name: str | None = None, overrides=()) -> TrainOutcome:
     """Train ``model`` with ``recipe`` on ``data`` (its calibration half for built-in sources:
     never the evaluation text) and write the result to ``out``.
 
-    The recipe's stages run in order: one-shot stages (e.g. Magnitude) before training,
-    the training stages' hooks during it, later one-shot stages after it. Checkpoints go
-    to ``out/checkpoint-<step>`` every ``save_every`` steps; ``resume`` continues from the
+    The recipe's stages run in order (:func:`slimformer.core.runner.run_recipe`): one-shot
+    stages (e.g. Magnitude) before training, the training stages' hooks and loss terms
+    during it, later one-shot stages after it. The loss is the recipe's ``train: loss``
+    terms (``causal_lm``, ``distill``: the dense model before any stage teaches, unless
+    ``teacher`` is given) plus those the stages add. Checkpoints go to
+    ``out/checkpoint-<step>`` every ``save_every`` steps; ``resume`` continues from the
     newest one (refused if it belongs to another model or recipe). The trained model is
     written into ``out`` with its ``slimformer.json`` last.
+
+    Parameters:
+        recipe: built-in recipe name or a YAML file with training stages
+        data: training DATA: pydoc (its calibration half), a text/JSONL file or directory
+        out: output directory (the trained model; checkpoints in OUT/checkpoint-N)
+        steps: optimiser steps (default: the recipe's, else 100)
+        batch_size: sequences per micro-batch (default: the recipe's, else 4)
+        seq_len: tokens per sequence (default: the recipe's, else 512)
+        lr: peak learning rate (default: the recipe's, else 1e-4)
+        grad_accum: micro-batches per step (default: the recipe's, else 1)
+        warmup_steps: linear warm-up steps (default: the recipe's, else 0)
+        save_every: write a checkpoint every N steps (default: only the final model)
+        resume: continue from the newest checkpoint in OUT
+        overwrite: replace an existing output directory
+        overrides: recipe argument overrides, "Stage.field=value" (e.g. GMP.final_sparsity=0.6)
     """
-    from slimformer.core.transform import target_weights
     from slimformer.errors import OutputExistsError, TrainingError
     from slimformer.models.hf import COMPRESSED_MARKER
-    from slimformer.techniques.sparsity.training import describe_sparsity
     from slimformer.train.loop import (
         TokenBatches,
         TrainConfig,
-        Trainer,
         list_checkpoints,
         run_fingerprint,
     )
     from slimformer.util.atomic import publish_into
 
-    recipe = _recipe(recipe)
+    recipe = _recipe(recipe, overrides)
     config = TrainConfig.parse(recipe.train, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                                grad_accum=grad_accum, warmup_steps=warmup_steps, save_every=save_every)
     out = Path(out)
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
-    training = [i for i, stage in enumerate(recipe.stages) if stage.requires() is Needs.TRAINING]
-    if not training:
+    if not any(stage.requires() is Needs.TRAINING for stage in recipe.stages):
         raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. FineTune, MaskedFineTune, GMP, STE, TopKAST)")
-    first, last = training[0], training[-1]
-    if any(stage.requires() is not Needs.TRAINING for stage in recipe.stages[first:last + 1]):
-        raise TrainingError(f"recipe {recipe.name}: the training stages must be consecutive")
+    try:
+        recipe_segments(recipe.stages)
+    except RecipeError as exc:
+        raise TrainingError(f"recipe {recipe.name}: {exc}") from None
 
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     if getattr(base, "slimformer_meta", None):
         raise TrainingError(f"{source} is a compressed model; train the original model")
     _check_decoder(base, "training")
-    adapter = adapter_for(base)
-    check_targets(recipe.stages, base, adapter)
+    check_targets(recipe.stages, base, adapter_for(base))
     target = copy.deepcopy(base) if isinstance(model, (tuple, list)) else base
-    if config.loss == "distill" and teacher is None:
-        teacher = copy.deepcopy(base).eval()   # the dense model, before any stage, teaches
-    elif teacher is not None:
+    if teacher is not None:
         teacher = _model_and_tokenizer(teacher)[0].eval()
     text = load_text(data, role="calib")
     batches = TokenBatches(tokenize(text, tokenizer), config.batch_size, config.seq_len, config.seed)
@@ -340,27 +415,12 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
         for old in list_checkpoints(out):
             shutil.rmtree(old)
 
-    def one_shot(stages):
-        if not stages:
-            return
-        calib = None
-        if any(s.requires() is Needs.CALIBRATION for s in stages):
-            calib, _ = calibration_set(tokenizer, data, 128, config.seq_len, None)
-        run_transforms(target, stages, calib, progress=progress)
-
-    one_shot(recipe.stages[:first])
-    target.requires_grad_(True)
-    hooks = [stage.training_hook(target, adapter, config) for stage in recipe.stages[first:last + 1]]
-    trainer = Trainer(target, config, batches, hooks=hooks, teacher=teacher, checkpoint_dir=out,
-                      fingerprint=run_fingerprint(target, recipe.text or recipe.name, source), progress=progress)
-    result = trainer.run(resume=resume)
-    target.requires_grad_(False)
-    one_shot(recipe.stages[last + 1:])
-
-    sparsity = None
-    pruned = [s for s in recipe.stages if type(s).__module__.startswith("slimformer.techniques.sparsity")]
-    if pruned:
-        sparsity = describe_sparsity(target_weights(target, adapter, pruned[0].targets))
+    training = TrainingRun(config, batches, teacher=teacher, checkpoint_dir=out, resume=resume,
+                           fingerprint=run_fingerprint(target, recipe.text or recipe.name, source))
+    run = run_recipe(target, recipe.stages, train=training, progress=progress,
+                     calib=lambda: calibration_set(tokenizer, data, 128, config.seq_len, None)[0])
+    result = run.training
+    sparsity = recipe_summary(target, recipe.stages).get("sparsity")
     extra = {"training": {"config": dataclasses.asdict(config), "data": text.describe(),
                           "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                           "final_loss": result.history[-1]["loss"] if result.history else None,
@@ -374,10 +434,16 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     return TrainOutcome(target, tokenizer, recipe, result, out, sparsity)
 
 
-def study_w8a8(model, data: str, *, seqlen: int = 512, windows: int = 8, progress: bool = True,
+def study_w8a8(model, data: str = "pydoc", *, seqlen: int = 512, windows: int = 8, progress: bool = True,
                source_name: str | None = None) -> dict:
     """W8A32 vs W32A8 vs W8A8 on ``data``: weights by RTN 8-bit per output channel,
-    activations 8-bit dynamic per tensor and per token (see :mod:`slimformer.eval.study`)."""
+    activations 8-bit dynamic per tensor and per token (see :mod:`slimformer.eval.study`).
+
+    Parameters:
+        data: evaluation DATA
+        seqlen: window length
+        windows: number of windows
+    """
     from slimformer.eval.study import study_w8a8 as run_study
     from slimformer.techniques.quant.rtn import RTN
 
@@ -387,3 +453,214 @@ def study_w8a8(model, data: str, *, seqlen: int = 512, windows: int = 8, progres
         run_transforms(m, [RTN(bits=8, granularity="channel")], progress=False)
 
     return run_study(loaded, tokenizer, data, rtn_w8, seqlen=seqlen, windows=windows, progress=progress)
+
+
+def override_each(recipes: list[Recipe], overrides) -> list[Recipe]:
+    """``overrides`` applied to every recipe that has the stage; one no recipe has is an error."""
+    if not overrides:
+        return recipes
+    from slimformer.recipes.schema import parse_override, recipe_has_stage
+
+    for item in overrides:
+        text = item[1] if isinstance(item, (tuple, list)) else item
+        stage = parse_override(text)[0]
+        if not any(recipe_has_stage(r, stage) for r in recipes):
+            apply_overrides(recipes[0], [item])   # raises: unknown technique, or no such stage
+    return [apply_overrides(r, overrides, missing="skip") for r in recipes]
+
+
+class Generations(list):
+    """The generations (:class:`slimformer.runtime.generate.Generation`), one per prompt;
+    ``engine`` says which engine made them."""
+
+    engine: str = ""
+
+
+def generate(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, stop=(), ignore_eos: bool = False,
+             truncate: bool = False, chat: bool = False, stream: bool = False, engine: str = "auto",
+             weights: str = "auto", activations: str = "fp32", memory_budget: str | None = None,
+             tensor_parallel: int = 1, trust_pickle: bool = False):
+    """Generate text from ``prompts`` (a string or a list) with ``model`` (a source or a
+    ``(model, tokenizer)`` pair). Returns :class:`Generations`; with ``stream``, an iterator
+    over the text pieces of one prompt as they are generated.
+
+    Parameters:
+        prompts: prompt text; repeat the flag for a batch
+        max_new_tokens: tokens to generate at most
+        temperature: 0 = greedy
+        top_k: keep the k most likely tokens (0 = off)
+        top_p: nucleus sampling mass (1 = off)
+        seed: seed for sampling
+        stop: stop string (repeatable)
+        ignore_eos: keep generating past end-of-sequence tokens
+        truncate: drop the start of a prompt longer than the context
+        chat: wrap each prompt in the tokenizer's chat template
+        stream: print text as it is generated (one prompt)
+        engine: native (Llama family), hf, or auto
+        weights: for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)
+        activations: native decode of int4/int8 weights: fp32 activations (exact) or int8 (llama.cpp-style, faster)
+        memory_budget: stream blocks from a safetensors directory under this budget, e.g. 300MB (offloading)
+        tensor_parallel: split the layers over N processes (torch.distributed; greedy, one prompt)
+        trust_pickle: allow pickle-only checkpoints (runs code from the file)
+    """
+    from slimformer.errors import SlimformerError
+    from slimformer.runtime.generate import Generator, SamplingConfig
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    ignore_eos=ignore_eos, stop=tuple([stop] if isinstance(stop, str) else stop), truncate=truncate)
+    SamplingConfig(**sampling)  # bad values fail before the model loads
+    if stream and len(prompts) > 1:
+        raise SlimformerError("--stream takes one --prompt")
+    if tensor_parallel > 1:
+        if memory_budget:
+            raise SlimformerError("--memory-budget and --tensor-parallel do not combine")
+        return _generate_tensor_parallel(model, prompts, sampling, chat, stream, tensor_parallel, trust_pickle)
+    if memory_budget:
+        gen = _offloaded_generator(model, memory_budget, engine)
+    elif isinstance(model, (tuple, list)):
+        gen = Generator.from_model(model[0], model[1], engine=engine, activations=activations)
+    else:
+        gen = Generator.from_source(model, engine=engine, weights=weights, trust_pickle=trust_pickle,
+                                    activations=activations)
+    if chat:
+        prompts = [_chat(gen.tokenizer, p) for p in prompts]
+    if stream:
+        return gen.stream(prompts[0], **sampling)
+    found = Generations(gen.generate(prompts, **sampling))
+    found.engine = gen.engine_name
+    return found
+
+
+def _chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _offloaded_generator(source, memory_budget: str, engine: str):
+    """Blocks streamed from memory-mapped safetensors under a budget (runtime.offload);
+    the model runs on the Hugging Face engine, block by block."""
+    from slimformer.errors import SlimformerError
+    from slimformer.runtime.generate import Generator
+    from slimformer.runtime.offload import load_offloaded, parse_bytes
+
+    budget = parse_bytes(memory_budget)
+    if isinstance(source, (tuple, list)) or not Path(source).is_dir():
+        raise SlimformerError("--memory-budget streams weights from a safetensors directory (a `slimformer compress` "
+                              f"output, an HF directory, or one written by runtime.offload.save_offloadable), not {source}")
+    if engine == "native":
+        raise SlimformerError("--memory-budget runs on the hf engine (the native decoder keeps every weight resident)")
+    model, tokenizer = load_offloaded(source, budget)
+    return Generator.from_model(model, tokenizer, engine="hf")
+
+
+def _generate_tensor_parallel(source, prompts, sampling, chat, stream, world, trust_pickle):
+    """Greedy generation with the layers split over processes (runtime.parallel)."""
+    from slimformer.errors import SlimformerError
+    from slimformer.runtime.generate import Generation, stop_token_ids
+    from slimformer.runtime.parallel import plan_tensor_parallel, tp_generate_greedy
+
+    if sampling["temperature"] or len(prompts) > 1 or stream or isinstance(source, (tuple, list)):
+        raise SlimformerError("--tensor-parallel runs greedy decoding of one --prompt (no --temperature, --stream) "
+                              "from a model path")
+    model, tokenizer = load(source, trust_pickle=trust_pickle)
+    plan_tensor_parallel(model, world)  # a size that does not divide heads or rows fails here
+    prompt = _chat(tokenizer, prompts[0]) if chat else prompts[0]
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    out = tp_generate_greedy(source, ids, sampling["max_new_tokens"], world)[0, ids.shape[1]:].tolist()
+    eos = stop_token_ids(model, tokenizer)
+    full = len(out)
+    if not sampling["ignore_eos"]:
+        out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    found = Generations([Generation(prompts[0], tokenizer.decode(out, skip_special_tokens=False), out,
+                                    int(ids.shape[1]), "eos" if len(out) < full else "length")])
+    found.engine = f"hf, tensor-parallel x{world}"
+    return found
+
+
+def export(model, out, format: str = "compressed", *, overwrite: bool = False, trust_pickle: bool = False,
+           **options) -> Path:
+    """Write ``model`` (a source or a ``(model, tokenizer)`` pair) to ``out`` with the
+    exporter called ``format`` (see :func:`slimformer.export.exporters`).
+
+    Parameters:
+        out: output directory
+        format: the exporter
+        overwrite: replace an existing output directory
+        trust_pickle: allow pickle-only checkpoints (runs code from the file)
+    """
+    from slimformer.export import export_model, exporter
+
+    exporter(format)   # an unknown format fails before the model loads
+    check_output_dir(Path(out), overwrite)
+    loaded, tokenizer = model if isinstance(model, (tuple, list)) else load(model, trust_pickle=trust_pickle)
+    return export_model(loaded, tokenizer, out, format, overwrite=overwrite, **options)
+
+
+def inspect(model, *, outliers: bool = False, calib: str = "pydoc", calib_samples: int = 8, seqlen: int = 512,
+            kv_plan: bool = False, batch: int = 1, context: int = 2048, kv_bytes: float = 2.0,
+            progress: bool = True, trust_pickle: bool = False) -> dict:
+    """What ``model`` is (family, sizes), and optionally its activation outliers on
+    calibration data and the memory plan of its weights and KV cache.
+
+    Parameters:
+        outliers: per-layer activation outlier statistics on calibration data
+        calib: DATA for --outliers
+        calib_samples: calibration sequences for --outliers
+        seqlen: calibration sequence length
+        kv_plan: weights + KV-cache memory for --batch and --context
+        batch: sequences decoded together, for --kv-plan
+        context: tokens per sequence, for --kv-plan
+        kv_bytes: bytes per cached key/value element
+        trust_pickle: allow pickle-only checkpoints (runs code from the file)
+    """
+    from slimformer.eval.inspect import inspect_model
+
+    loaded, tokenizer = model if isinstance(model, (tuple, list)) else load(model, trust_pickle=trust_pickle)
+    return inspect_model(loaded, tokenizer, outliers=outliers, calib=calib, calib_samples=calib_samples,
+                         seqlen=seqlen, kv_plan=kv_plan, batch=batch, context=context, kv_bytes=kv_bytes,
+                         progress=progress)
+
+
+def bench(model, *, decode: bool = True, prefill: bool = True, vs=(), new_tokens: int = 128,
+          prompt_len: int = 512, repeats: int = 3, activations: str = "fp32", head: str = "model",
+          progress: bool = True, trust_pickle: bool = False) -> dict:
+    """Decode and prefill tokens/s of the native runtime on ``model`` (a source), next to
+    the engines in ``vs`` (hf, llama.cpp), with the memory-bandwidth roofline.
+
+    Parameters:
+        vs: comma-separated: hf, llama.cpp (llama.cpp needs a .gguf)
+        new_tokens: decode tokens per timed run
+        prompt_len: prefill prompt length
+        repeats: timed rounds after a warm-up
+        activations: decode arithmetic for quantised weights: fp32 (exact) or int8 (llama.cpp-style)
+        head: LM head as stored, or rounded to int8
+        trust_pickle: allow pickle-only checkpoints (runs code from the file)
+    """
+    from slimformer.errors import SlimformerError
+    from slimformer.runtime import bench as bench_lib
+    from slimformer.runtime.decoder import NativeDecoder, gguf_source_path
+
+    unknown = [v for v in vs if v not in bench_lib.COMPETITORS]
+    if unknown:
+        raise SlimformerError(f"unknown engine '{unknown[0]}' (choose from {', '.join(bench_lib.COMPETITORS)})")
+    gguf = gguf_source_path(model)
+    if "llama.cpp" in vs and gguf is None:
+        raise SlimformerError("--vs llama.cpp needs a .gguf model (llama.cpp runs GGUF files only)")
+    threads = torch.get_num_threads()
+    loaded, tokenizer = load(model, trust_pickle=trust_pickle)
+    decoder = NativeDecoder.from_model(loaded, gguf_path=gguf, activations=activations, head=head)
+    engines = [bench_lib.native_timed("slimformer", decoder)]
+    if "hf" in vs:
+        engines.append(bench_lib.hf_timed(loaded))
+    if "llama.cpp" in vs:
+        engines.append(bench_lib.llama_cpp_timed(str(gguf), threads, context=prompt_len + new_tokens + 8))
+    prompt = tokenizer("The capital of France is").input_ids
+    long_prompt = bench_lib.prompt_of_length(tokenizer, prompt_len) if prefill else None
+    results = bench_lib.run_benchmark(engines, prompt, long_prompt, new_tokens, repeats, decode, progress=progress)
+    bandwidth = bench_lib.stream_bandwidth() if decode else None
+    if bandwidth:
+        bench_lib.add_roofline(results, bandwidth)
+    return {"model": str(model), "threads": threads, "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+            "prompt_len": prompt_len, "results": results}

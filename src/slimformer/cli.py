@@ -1,14 +1,25 @@
-"""Command line: parse → call api.py → one-line error on a user mistake."""
+"""Command line: parse → call api.py → one-line error on a user mistake.
+
+The options are derived from api.py: ``_api_option`` takes an option's default from the
+API function's signature (``inspect.signature``) and its help from the docstring's
+``Parameters:`` line for that parameter, so the CLI cannot drift from the API
+(tests/test_cli_api.py checks every mapped option). ``--set Stage.field=value`` overrides
+any recipe argument; ``--budget-bits B`` is an alias for ``--set HAWQ.budget_bits=B``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
+from slimformer import api
 from slimformer.errors import SlimformerError
+from slimformer.export import exporters
 from slimformer.plugins import load_builtin
 from slimformer.runtime import ENGINES
 from slimformer.util.atomic import check_output_dir
@@ -56,131 +67,225 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"slimformer: error: {message} (see `{self.prog} --help`)\n")
 
 
+def param_help(func) -> dict[str, str]:
+    """``name → text`` from the ``Parameters:`` section of ``func``'s docstring (one
+    ``name: text`` line per parameter; deeper-indented lines continue it)."""
+    doc = inspect.getdoc(func) or ""
+    found: dict[str, str] = {}
+    lines = doc.split("Parameters:", 1)[1].splitlines() if "Parameters:" in doc else []
+    indent, current = None, None
+    for line in lines:
+        if not line.strip():
+            continue
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:
+            break
+        match = re.match(r"(\w+): (.*)", line.strip())
+        if width == indent and match:
+            current = match.group(1)
+            found[current] = match.group(2).strip()
+        elif current is not None:
+            found[current] += " " + line.strip()
+    return found
+
+
+def _show_default(value) -> str | None:
+    if value is None or isinstance(value, bool) or value == ():
+        return None
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _api_option(p, func, name: str, *flags: str, **kwargs):
+    """An option for parameter ``name`` of the API function ``func``: its default is the
+    signature's, its help the docstring's (plus the default). A bool parameter becomes a
+    switch: ``--name`` when it defaults to False, ``--no-name`` when it defaults to True."""
+    default = inspect.signature(func).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{func.__name__}({name}) has no default to derive an option from")
+    text = kwargs.pop("help", None) or param_help(func).get(name, "")
+    shown = _show_default(default)
+    if shown is not None and "default" not in text:
+        text = f"{text} (default {shown})" if text else f"default {shown}"
+    if isinstance(default, bool):
+        kwargs["action"] = "store_false" if default else "store_true"
+        flags = flags or (f"--no-{name.replace('_', '-')}" if default else f"--{name.replace('_', '-')}",)
+    flags = flags or (f"--{name.replace('_', '-')}",)
+    if kwargs.get("action") == "append" and isinstance(default, tuple):
+        default = list(default)   # argparse appends to the default
+    action = p.add_argument(*flags, dest=name, default=default, help=text, **kwargs)
+    action.api_parameter = (func, name)   # read by the test that CLI and API defaults agree
+    return action
+
+
+def _api_help(func, name: str) -> str:
+    return param_help(func).get(name, "")
+
+
+class _Override(argparse.Action):
+    """Collects recipe overrides as ``(how the user wrote it, "Stage.field=value")``.
+    ``template``: for an alias such as ``--budget-bits``, the override with ``{}`` for the value."""
+
+    def __init__(self, *args, template: str | None = None, **kwargs):
+        self.template = template
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        found = list(getattr(namespace, self.dest, None) or [])
+        text = self.template.format(value) if self.template else value
+        found.append((f"{option_string} {value}", text))
+        setattr(namespace, self.dest, found)
+
+
+def _overrides(p, budget_alias: bool = False):
+    p.add_argument("--set", dest="overrides", action=_Override, default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a recipe argument, e.g. GPTQ.block_size=64 or HAWQ.budget_bits=4.5 "
+                        "(the technique name as in the recipe; the value is read as YAML; repeatable)")
+    if budget_alias:
+        p.add_argument("--budget-bits", dest="overrides", action=_Override, template="HAWQ.budget_bits={}",
+                       metavar="BITS", help="alias for --set HAWQ.budget_bits=BITS: average bits over the quantised "
+                                            "weights for the recipe's HAWQ stage (e.g. 4.5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    load_builtin()   # the exporters (and techniques) the options list
     parser = _Parser(prog="slimformer", description="Make transformer models cheaper to run, and measure the trade-off.")
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def model_arg(p, help_text="built-in name (smollm2-135m, minilm-l6), HF id or directory, .gguf file, or a compressed directory"):
+    def model_arg(p, help_text=_api_help(api.load, "source")):
         p.add_argument("model", metavar="MODEL", help=help_text)
-        p.add_argument("--trust-pickle", action="store_true", help="allow pickle-only checkpoints (runs code from the file)")
+        _api_option(p, api.load, "trust_pickle")
 
+    f = api.compress
     p = sub.add_parser("compress", help="apply a recipe and write the compressed model")
     model_arg(p)
-    p.add_argument("--recipe", required=True, help="built-in recipe name (see `slimformer recipes`) or a YAML file")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--calib", help="calibration DATA: pydoc, wikitext2, or a path (for recipes that need it)")
-    p.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--calib-seed", type=int, help="sample calibration windows at random with this seed (default: the first ones in order)")
-    p.add_argument("--seqlen", type=_positive_int, default=512, help="calibration sequence length (default 512)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--budget-bits", type=float, metavar="BITS",
-                   help="average bits over the quantised weights for the recipe's HAWQ stage (e.g. 4.5)")
+    p.add_argument("--recipe", required=True, help=_api_help(f, "recipe"))
+    p.add_argument("--out", required=True, help=_api_help(f, "out"))
+    _api_option(p, f, "calib")
+    _api_option(p, f, "calib_samples", type=_positive_int)
+    _api_option(p, f, "calib_seed", type=int)
+    _api_option(p, f, "seqlen", type=_positive_int)
+    _api_option(p, f, "overwrite")
+    _overrides(p, budget_alias=True)
 
+    f = api.train
     p = sub.add_parser("train", help="fine-tune with a training recipe (GMP, STE, Top-KAST, rewinding, ...)")
     model_arg(p)
-    p.add_argument("--recipe", required=True, help="built-in recipe name or a YAML file with training stages")
-    p.add_argument("--data", required=True, help="training DATA: pydoc (its calibration half), a text/JSONL file or directory")
-    p.add_argument("--out", required=True, help="output directory (the trained model; checkpoints in OUT/checkpoint-N)")
-    p.add_argument("--steps", type=_positive_int, help="optimiser steps (default: the recipe's, else 100)")
-    p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch (default 4)")
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 512)")
-    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    p.add_argument("--save-every", type=int, help="write a checkpoint every N steps (default: only the final model)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--recipe", required=True, help=_api_help(f, "recipe"))
+    p.add_argument("--data", required=True, help=_api_help(f, "data"))
+    p.add_argument("--out", required=True, help=_api_help(f, "out"))
+    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        _api_option(p, f, name, type=_positive_int)
+    _api_option(p, f, "lr", type=float)
+    _api_option(p, f, "warmup_steps", type=int)
+    _api_option(p, f, "save_every", type=int)
+    _api_option(p, f, "resume")
+    _api_option(p, f, "overwrite")
+    _overrides(p)
 
+    f = api.evaluate
     p = sub.add_parser("eval", help="measure quality and cost of one model")
     model_arg(p)
-    p.add_argument("--data", default="pydoc", help="DATA: pydoc, wikitext2, or a text/JSONL file or directory (default pydoc)")
-    p.add_argument("--seqlen", type=_positive_int, default=512, help="window length (default 512)")
-    p.add_argument("--windows", type=_positive_int, help="number of windows (default: all)")
-    p.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: non-overlapping)")
-    p.add_argument("--tasks", type=_task_list, default=[], help=f"comma-separated: {','.join(TASK_CHOICES)}")
-    p.add_argument("--task-data", help="directory of task files (default $SLIMFORMER_TASK_DATA)")
-    p.add_argument("--limit", type=_positive_int, help="first N examples of each task")
-    p.add_argument("--reference", help="model to measure agreement (KL, top-1) or embedding cosine against")
-    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    _api_option(p, f, "data")
+    _api_option(p, f, "seqlen", type=_positive_int)
+    _api_option(p, f, "windows", type=_positive_int)
+    _api_option(p, f, "stride", type=_positive_int)
+    _api_option(p, f, "tasks", type=_task_list, help=f"comma-separated: {','.join(TASK_CHOICES)}")
+    _api_option(p, f, "task_data")
+    _api_option(p, f, "limit", type=_positive_int)
+    _api_option(p, f, "reference")
+    _api_option(p, f, "speed")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
 
+    f = api.compare
     p = sub.add_parser("compare", help="measure the model and one variant per recipe; write an HTML/Markdown/JSON report")
     model_arg(p)
-    p.add_argument("--recipes", type=_names, default=None, help="comma-separated recipes (default: rtn-w8,rtn-w4-g64,rtn-w4-g32,rtn-w3-g64)")
-    p.add_argument("--data", default="pydoc", help="evaluation DATA (default pydoc)")
-    p.add_argument("--calib", help="calibration DATA (default: the calibration half of a built-in DATA)")
-    p.add_argument("--calib-samples", type=_positive_int, default=128)
-    p.add_argument("--seqlen", type=_positive_int, default=512)
-    p.add_argument("--windows", type=_positive_int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--tasks", type=_task_list, default=[])
-    p.add_argument("--task-data")
-    p.add_argument("--limit", type=_positive_int)
-    p.add_argument("--new-tokens", type=_positive_int, default=16, help="decode tokens timed per run (default 16)")
-    p.add_argument("--speed-repeats", type=_positive_int, default=2, help="timed runs after a warm-up; the median is reported (default 2)")
-    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
-    p.add_argument("--save-models", action="store_true", help="keep each compressed model under OUT/models/")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--overwrite", action="store_true")
+    _api_option(p, f, "recipes", type=_names)
+    _api_option(p, f, "data")
+    _api_option(p, f, "calib")
+    _api_option(p, f, "calib_samples", type=_positive_int)
+    _api_option(p, f, "seqlen", type=_positive_int)
+    _api_option(p, f, "windows", type=_positive_int)
+    _api_option(p, f, "tasks", type=_task_list, help=f"comma-separated: {','.join(TASK_CHOICES)}")
+    _api_option(p, f, "task_data")
+    _api_option(p, f, "limit", type=_positive_int)
+    _api_option(p, f, "new_tokens", type=_positive_int)
+    _api_option(p, f, "speed_repeats", type=_positive_int)
+    _api_option(p, f, "speed", help="skip the speed and memory measurements")
+    _api_option(p, f, "save_models")
+    p.add_argument("--out", required=True, help=_api_help(f, "out"))
+    _api_option(p, f, "overwrite")
+    _overrides(p)
 
+    f = api.inspect
     p = sub.add_parser("inspect", help="describe a model: family, sizes, outliers, memory plan")
     model_arg(p)
-    p.add_argument("--outliers", action="store_true", help="per-layer activation outlier statistics on calibration data")
-    p.add_argument("--calib", default="pydoc", help="DATA for --outliers (default pydoc)")
-    p.add_argument("--calib-samples", type=_positive_int, default=8)
-    p.add_argument("--seqlen", type=_positive_int, default=512)
-    p.add_argument("--kv-plan", action="store_true", help="weights + KV-cache memory for --batch and --context")
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--context", type=_positive_int, default=2048)
-    p.add_argument("--kv-bytes", type=float, default=2, help="bytes per cached key/value element (default 2)")
-    p.add_argument("--json", dest="json_path")
+    _api_option(p, f, "outliers")
+    _api_option(p, f, "calib")
+    _api_option(p, f, "calib_samples", type=_positive_int)
+    _api_option(p, f, "seqlen", type=_positive_int)
+    _api_option(p, f, "kv_plan")
+    _api_option(p, f, "batch", type=_positive_int)
+    _api_option(p, f, "context", type=_positive_int)
+    _api_option(p, f, "kv_bytes", type=float)
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
 
+    f = api.generate
     p = sub.add_parser("generate", help="generate text (native KV-cached decoder for Llama-family models)")
     model_arg(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat the flag for a batch")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default 128")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, help="seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    p.add_argument("--truncate", action="store_true", help="drop the start of a prompt longer than the context")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help="native (Llama family), hf, or auto (default)")
-    p.add_argument("--weights", choices=("auto", "gguf", "dequantized"), default="auto",
-                   help="for a .gguf model: run its quantised blocks (auto, gguf) or fp32 (dequantized)")
-    p.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
-                   help="native decode of int4/int8 weights: fp32 activations (exact) or int8 (llama.cpp-style, faster)")
-    p.add_argument("--memory-budget", metavar="BYTES",
-                   help="stream blocks from a safetensors directory under this budget, e.g. 300MB (offloading)")
-    p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
-                   help="split the layers over N processes (torch.distributed; greedy, one prompt)")
+    p.add_argument("--prompt", dest="prompts", action="append", required=True, help=_api_help(f, "prompts"))
+    _api_option(p, f, "max_new_tokens", type=_positive_int)
+    _api_option(p, f, "temperature", type=float)
+    _api_option(p, f, "top_k", type=int)
+    _api_option(p, f, "top_p", type=float)
+    _api_option(p, f, "seed", type=int)
+    _api_option(p, f, "stop", action="append")
+    _api_option(p, f, "stream")
+    _api_option(p, f, "ignore_eos")
+    _api_option(p, f, "truncate")
+    _api_option(p, f, "chat")
+    _api_option(p, f, "engine", choices=ENGINES)
+    _api_option(p, f, "weights", choices=("auto", "gguf", "dequantized"))
+    _api_option(p, f, "activations", choices=("fp32", "int8"))
+    _api_option(p, f, "memory_budget", metavar="BYTES")
+    _api_option(p, f, "tensor_parallel", type=_positive_int, metavar="N")
     p.add_argument("--json", dest="json_path", help="write the generations as JSON here")
 
+    f = api.bench
     p = sub.add_parser("bench", help="decode and prefill tokens/s of the native runtime vs Hugging Face and llama.cpp")
     model_arg(p)
-    p.add_argument("--decode", action="store_true", help="time decode (default: both decode and prefill)")
-    p.add_argument("--prefill", action="store_true", help="time prefill")
-    p.add_argument("--vs", type=_competitors, default=[], help="comma-separated: hf, llama.cpp (llama.cpp needs a .gguf)")
-    p.add_argument("--new-tokens", type=_positive_int, default=128, help="decode tokens per timed run (default 128)")
-    p.add_argument("--prompt-len", type=_positive_int, default=512, help="prefill prompt length (default 512)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds after a warm-up (default 3)")
-    p.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
-                   help="decode arithmetic for quantised weights: fp32 (exact) or int8 (llama.cpp-style)")
-    p.add_argument("--head", choices=("model", "int8"), default="model", help="LM head as stored, or rounded to int8")
+    p.add_argument("--decode", dest="only_decode", action="store_true", help="time decode (default: both decode and prefill)")
+    p.add_argument("--prefill", dest="only_prefill", action="store_true", help="time prefill")
+    _api_option(p, f, "vs", type=_competitors)
+    _api_option(p, f, "new_tokens", type=_positive_int)
+    _api_option(p, f, "prompt_len", type=_positive_int)
+    _api_option(p, f, "repeats", type=_positive_int)
+    _api_option(p, f, "activations", choices=("fp32", "int8"))
+    _api_option(p, f, "head", choices=("model", "int8"))
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+
+    f = api.export
+    p = sub.add_parser("export", help="write a model in another format (" + ", ".join(sorted(exporters())) + ")")
+    model_arg(p)
+    _api_option(p, f, "format", choices=sorted(exporters()),
+                help="; ".join(f"{e.name}: {e.description}" for e in exporters().values()))
+    p.add_argument("--out", required=True, help=_api_help(f, "out"))
+    _api_option(p, f, "overwrite")
 
     sub.add_parser("recipes", help="list the built-in recipes")
 
+    f = api.study_w8a8
     p = sub.add_parser("study-w8a8", help="W8A32 vs W32A8 vs W8A8: how much activation quantisation hurts")
     model_arg(p)
-    p.add_argument("--data", default="pydoc")
-    p.add_argument("--seqlen", type=_positive_int, default=512)
-    p.add_argument("--windows", type=_positive_int, default=8)
-    p.add_argument("--json", dest="json_path")
+    _api_option(p, f, "data")
+    _api_option(p, f, "seqlen", type=_positive_int)
+    _api_option(p, f, "windows", type=_positive_int)
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     return parser
 
 
@@ -195,10 +300,15 @@ def _fmt_bytes(n) -> str:
     return "—" if n is None else f"{n / 1e6:,.1f} MB"
 
 
+def _loaded(args):
+    from slimformer.models.load import load
+
+    model = load(args.model, trust_pickle=args.trust_pickle)
+    return (model[0], model[1])
+
+
 def run(args) -> int:
     import torch
-
-    from slimformer import api
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,28 +322,25 @@ def run(args) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench":
-        return _bench(args)
+        return _bench(args, progress)
+    if args.command == "export":
+        path = api.export(args.model, args.out, args.format, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
+        print(f"wrote {path} ({args.format})")
+        return 0
     # Cheap checks first, so a typo or a forgotten flag does not cost a model load.
-    recipe = None
+    from slimformer.recipes import apply_overrides, load_recipe
+
     if args.command == "compress":
-        from slimformer.recipes import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        if args.budget_bits is not None:
-            from slimformer.techniques.quant.hawq import with_budget
-
-            recipe = with_budget(recipe, args.budget_bits)
+        recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
+    if args.command == "compare":
+        recipes = api.override_each([load_recipe(r) for r in args.recipes], args.overrides)
     if args.command in ("compress", "compare"):
         check_output_dir(Path(args.out), args.overwrite)
     if args.command == "train":
         return _train(args, progress)
     if getattr(args, "tasks", None):
         api.resolve_task_data(args.task_data)
-    if args.command in ("eval", "compare", "compress", "inspect", "study-w8a8"):
-        from slimformer.models.load import load
-
-        model = load(args.model, trust_pickle=args.trust_pickle)
-        source = (model[0], model[1])
+    source = _loaded(args)
     if args.command == "compress":
         result = api.compress(source, recipe, args.out, calib=args.calib, calib_samples=args.calib_samples,
                               seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,
@@ -253,35 +360,34 @@ def run(args) -> int:
         _write_json(args.json_path, result)
         print(json.dumps(result, indent=2, default=str))
     elif args.command == "compare":
-        recipes = args.recipes or list(api.DEFAULT_COMPARE_RECIPES)
         rows = api.compare(source, recipes, args.data, args.out, calib=args.calib, calib_samples=args.calib_samples,
                            seqlen=args.seqlen, windows=args.windows, tasks=args.tasks, task_data=args.task_data,
-                           limit=args.limit, speed=not args.no_speed, new_tokens=args.new_tokens, speed_repeats=args.speed_repeats,
-                           overwrite=args.overwrite, save_models=args.save_models, progress=progress,
-                           source_name=args.model)
+                           limit=args.limit, speed=args.speed, new_tokens=args.new_tokens,
+                           speed_repeats=args.speed_repeats, overwrite=args.overwrite, save_models=args.save_models,
+                           progress=progress, source_name=args.model)
         for row in rows:
             ppl = row.get("perplexity")
             print(f"{row['name']:18s} ppl {ppl:8.3f}  {_fmt_bytes(row.get('stored_bytes'))}")
         print(f"report: {args.out}/report.html")
     elif args.command == "inspect":
-        from slimformer.eval.inspect import inspect_model
+        from slimformer.eval.inspect import format_inspection
 
-        result = inspect_model(source[0], source[1], args)
+        result = api.inspect(source, outliers=args.outliers, calib=args.calib, calib_samples=args.calib_samples,
+                             seqlen=args.seqlen, kv_plan=args.kv_plan, batch=args.batch, context=args.context,
+                             kv_bytes=args.kv_bytes, progress=progress)
+        print(format_inspection(result))
         _write_json(args.json_path, result)
     elif args.command == "study-w8a8":
-        from slimformer import api
-
         result = api.study_w8a8(source, args.data, seqlen=args.seqlen, windows=args.windows, progress=progress)
         _write_json(args.json_path, result)
     return 0
 
 
 def _train(args, progress: bool) -> int:
-    from slimformer import api
     from slimformer.errors import OutputExistsError
-    from slimformer.recipes import load_recipe
+    from slimformer.recipes import apply_overrides, load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
     out = Path(args.out)
     if out.exists() and not (args.resume or args.overwrite):
         raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
@@ -297,108 +403,29 @@ def _train(args, progress: bool) -> int:
 
 
 def _generate(args) -> int:
-    from slimformer.runtime.generate import Generator, SamplingConfig
-
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop),
-                    truncate=args.truncate)
-    SamplingConfig(**sampling)  # bad values fail before the model loads
-    if args.stream and len(args.prompt) > 1:
-        raise SlimformerError("--stream takes one --prompt")
-    if args.tensor_parallel > 1:
-        if args.memory_budget:
-            raise SlimformerError("--memory-budget and --tensor-parallel do not combine")
-        return _generate_tensor_parallel(args)
-    if args.memory_budget:
-        gen = _offloaded_generator(args)
-    else:
-        gen = Generator.from_source(args.model, engine=args.engine, weights=args.weights,
-                                    trust_pickle=args.trust_pickle, activations=args.activations)
-    prompts = args.prompt
-    if args.chat:
-        prompts = [gen.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True) for p in prompts]
+    result = api.generate(args.model, args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+                          ignore_eos=args.ignore_eos, truncate=args.truncate, chat=args.chat, stream=args.stream,
+                          engine=args.engine, weights=args.weights, activations=args.activations,
+                          memory_budget=args.memory_budget, tensor_parallel=args.tensor_parallel,
+                          trust_pickle=args.trust_pickle)
     if args.stream:
-        for piece in gen.stream(prompts[0], **sampling):
+        for piece in result:
             print(piece, end="", flush=True)
         print()
         return 0
-    results = gen.generate(prompts, **sampling)
-    for i, r in enumerate(results):
-        print(r.text if len(results) == 1 else f"[{i}] {r.text}")
-    _write_json(args.json_path, {"engine": gen.engine_name, "generations": [vars(r) for r in results]})
+    for i, r in enumerate(result):
+        print(r.text if len(result) == 1 else f"[{i}] {r.text}")
+    _write_json(args.json_path, {"engine": result.engine, "generations": [vars(r) for r in result]})
     return 0
 
 
-def _offloaded_generator(args):
-    """Blocks streamed from memory-mapped safetensors under a budget (runtime.offload);
-    the model runs on the Hugging Face engine, block by block."""
-    from slimformer.runtime.generate import Generator
-    from slimformer.runtime.offload import load_offloaded, parse_bytes
-
-    budget = parse_bytes(args.memory_budget)
-    if not Path(args.model).is_dir():
-        raise SlimformerError("--memory-budget streams weights from a safetensors directory (a `slimformer compress` "
-                              f"output, an HF directory, or one written by runtime.offload.save_offloadable), not {args.model}")
-    if args.engine == "native":
-        raise SlimformerError("--memory-budget runs on the hf engine (the native decoder keeps every weight resident)")
-    model, tokenizer = load_offloaded(args.model, budget)
-    return Generator.from_model(model, tokenizer, engine="hf")
-
-
-def _generate_tensor_parallel(args) -> int:
-    """Greedy generation with the layers split over processes (runtime.parallel)."""
-    import torch
-
-    from slimformer.models.load import load
-    from slimformer.runtime.generate import stop_token_ids
-    from slimformer.runtime.parallel import plan_tensor_parallel, tp_generate_greedy
-
-    if args.temperature or len(args.prompt) > 1 or args.stream:
-        raise SlimformerError("--tensor-parallel runs greedy decoding of one --prompt (no --temperature, --stream)")
-    model, tokenizer = load(args.model, trust_pickle=args.trust_pickle)
-    plan_tensor_parallel(model, args.tensor_parallel)  # a size that does not divide heads or rows fails here
-    prompt = args.prompt[0]
-    if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(prompt).input_ids])
-    out = tp_generate_greedy(args.model, ids, args.max_new_tokens, args.tensor_parallel)[0, ids.shape[1]:].tolist()
-    eos = stop_token_ids(model, tokenizer)
-    if not args.ignore_eos:
-        out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
-    text = tokenizer.decode(out, skip_special_tokens=False)
-    print(text)
-    _write_json(args.json_path, {"engine": f"hf, tensor-parallel x{args.tensor_parallel}",
-                                 "generations": [{"prompt": args.prompt[0], "text": text, "token_ids": out}]})
-    return 0
-
-
-def _bench(args) -> int:
-    from slimformer.models.load import load
-    from slimformer.runtime import bench
-    from slimformer.runtime.decoder import NativeDecoder, gguf_source_path
-
-    gguf = gguf_source_path(args.model)
-    if "llama.cpp" in args.vs and gguf is None:
-        raise SlimformerError("--vs llama.cpp needs a .gguf model (llama.cpp runs GGUF files only)")
-    threads = torch_threads()
-    model, tokenizer = load(args.model, trust_pickle=args.trust_pickle)
-    decoder = NativeDecoder.from_model(model, gguf_path=gguf, activations=args.activations, head=args.head)
-    engines = [bench.native_timed("slimformer", decoder)]
-    if "hf" in args.vs:
-        engines.append(bench.hf_timed(model))
-    if "llama.cpp" in args.vs:
-        engines.append(bench.llama_cpp_timed(str(gguf), threads, context=args.prompt_len + args.new_tokens + 8))
-    decode, prefill = (args.decode or not args.prefill), (args.prefill or not args.decode)
-    prompt = tokenizer("The capital of France is").input_ids
-    long_prompt = bench.prompt_of_length(tokenizer, args.prompt_len) if prefill else None
-    results = bench.run_benchmark(engines, prompt, long_prompt, args.new_tokens, args.repeats, decode,
-                                  progress=not args.quiet)
-    bandwidth = bench.stream_bandwidth() if decode else None
-    if bandwidth:
-        bench.add_roofline(results, bandwidth)
-    for name, row in results.items():
+def _bench(args, progress: bool) -> int:
+    decode, prefill = (args.only_decode or not args.only_prefill), (args.only_prefill or not args.only_decode)
+    report = api.bench(args.model, decode=decode, prefill=prefill, vs=args.vs, new_tokens=args.new_tokens,
+                       prompt_len=args.prompt_len, repeats=args.repeats, activations=args.activations,
+                       head=args.head, progress=progress, trust_pickle=args.trust_pickle)
+    for name, row in report["results"].items():
         parts = [f"{name:12s}"]
         if "decode_tok_s" in row:
             parts.append(f"decode {row['decode_tok_s']['median']:7.1f} tok/s")
@@ -407,15 +434,8 @@ def _bench(args) -> int:
         if "prefill_tok_s" in row:
             parts.append(f"prefill {row['prefill_tok_s']['median']:7.1f} tok/s")
         print("  ".join(parts))
-    _write_json(args.json_path, {"model": args.model, "threads": threads, "bandwidth_bytes_s": bandwidth,
-                                 "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "results": results})
+    _write_json(args.json_path, report)
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,6 +1,7 @@
-"""Runs a recipe over a model, block by block.
+"""Runs a recipe over a model: ``run_recipe`` takes the stages in recipe order, one-shot
+stages block by block (``run_transforms``) and training stages through ``train/``.
 
-Without calibration data each Transform converts each block in turn. With it, the
+One-shot stages, block by block: without calibration data each Transform converts each block in turn. With it, the
 inputs of the first block are captured once, then for every block and every
 Transform in recipe order: prepare → forward the calibration inputs through the
 block (observers record) → convert; finally the block's outputs, computed by the
@@ -12,20 +13,29 @@ HAWQ's sensitivities) and leave decisions in a plan all stages share. A "one-pas
 Transform (GPTQ) compresses each layer inside the calibration forward, as the whole
 calibration batch reaches it; that forward's outputs then feed the next block.
 Weights and calibration activations are checked for NaN/Inf, naming the layer.
+
+Training stages: consecutive training stages share one training run (one Trainer: their
+``training_hook``s side by side, their ``loss_terms`` added to the recipe's). One-shot
+stages before them run first, those after them on the trained model.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from slimformer.core.transform import BlockContext, Needs, Transform
-from slimformer.errors import DataError, QuantConfigError
+from slimformer.errors import DataError, QuantConfigError, RecipeError
 from slimformer.models.adapters import adapter_for
+from slimformer.train.loop import TokenBatches, TrainConfig, Trainer, TrainResult
+from slimformer.train.losses import LossTerm, needs_teacher, with_teacher
 
 
 @dataclass
@@ -33,6 +43,24 @@ class RunResult:
     seconds: float
     fallbacks: list[str] = field(default_factory=list)
     layers: dict[str, dict] = field(default_factory=dict)   # per-layer facts the techniques reported
+    training: TrainResult | None = None    # the training run, when the recipe has training stages
+
+
+@dataclass
+class TrainingRun:
+    """How ``run_recipe`` runs a recipe's training stages.
+
+    ``terms``: the loss (default: the terms ``config.loss`` names); the stages' own terms
+    are added. A distillation term without a teacher gets ``teacher``, else a copy of the
+    model taken before the recipe's first stage."""
+
+    config: TrainConfig
+    batches: TokenBatches
+    teacher: nn.Module | None = None
+    terms: list[LossTerm] | None = None
+    checkpoint_dir: Path | None = None
+    fingerprint: dict | None = None
+    resume: bool = False
 
 
 class _StopForward(Exception):
@@ -177,3 +205,95 @@ def run_transforms(
     for transform in transforms:
         transform.finish(model, adapter)
     return RunResult(time.perf_counter() - start, fallbacks, layer_report)
+
+
+def recipe_segments(stages: list[Transform]) -> list[tuple[bool, list[Transform]]]:
+    """``stages`` cut into runs of one-shot stages and runs of training stages, in order:
+    ``[(trains, [stage, ...]), ...]``. A recipe has at most one run of training stages."""
+    segments: list[tuple[bool, list[Transform]]] = []
+    for stage in stages:
+        trains = stage.requires() is Needs.TRAINING
+        if segments and segments[-1][0] == trains:
+            segments[-1][1].append(stage)
+        else:
+            segments.append((trains, [stage]))
+    if sum(trains for trains, _ in segments) > 1:
+        raise RecipeError("the training stages of a recipe must be consecutive (they share one training run)")
+    return segments
+
+
+def run_recipe(
+    model: nn.Module,
+    stages: list[Transform],
+    *,
+    calib: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    train: TrainingRun | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``stages`` on ``model`` in recipe order: one-shot stages block by block
+    (:func:`run_transforms`), consecutive training stages as one training run.
+
+    ``calib``: ``[n, seqlen]`` token ids, or a function giving them (called once, only if
+    a one-shot stage needs calibration). ``train``: required when a stage trains.
+    """
+    start = time.perf_counter()
+    segments = recipe_segments(list(stages))
+    training = [s for trains, group in segments if trains for s in group]
+    if training and train is None:
+        raise RecipeError(f"stage {type(training[0]).__name__} trains: run the recipe with training settings "
+                          "(`slimformer train`)")
+    adapter = adapter_for(model)
+    terms: list[LossTerm] = []
+    if training:
+        terms = list(train.config.loss_terms() if train.terms is None else train.terms)
+        if needs_teacher(terms):
+            # the model as it is now, before any stage, teaches
+            teacher = train.teacher if train.teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
+            terms = with_teacher(terms, teacher)
+    calib_ids = None
+
+    def calibration():
+        nonlocal calib_ids
+        if calib_ids is None:
+            calib_ids = calib() if callable(calib) else calib
+        return calib_ids
+
+    result = RunResult(0.0)
+    for trains, group in segments:
+        if trains:
+            result.training = _train(model, adapter, group, train, terms, progress)
+            continue
+        needs_data = any(t.requires() is Needs.CALIBRATION for t in group)
+        run = run_transforms(model, group, calibration() if needs_data else None, batch_size=batch_size,
+                             progress=progress)
+        result.fallbacks.extend(run.fallbacks)
+        for layer, facts in run.layers.items():
+            result.layers.setdefault(layer, {}).update(facts)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _train(model, adapter, stages, run: TrainingRun, terms, progress) -> TrainResult:
+    teacher = next((t.teacher for t in terms if getattr(t, "teacher", None) is not None), run.teacher)
+    model.requires_grad_(True)
+    try:
+        hooks = [stage.training_hook(model, adapter, run.config) for stage in stages]
+        stage_terms = [term for stage in stages for term in stage.loss_terms(model, adapter, run.config)]
+        trainer = Trainer(model, run.config, run.batches, hooks=hooks, teacher=teacher,
+                          terms=terms + stage_terms, checkpoint_dir=run.checkpoint_dir,
+                          fingerprint=run.fingerprint, progress=progress)
+        return trainer.run(resume=run.resume)
+    finally:
+        model.requires_grad_(False)
+
+
+def recipe_summary(model: nn.Module, stages: list[Transform]) -> dict:
+    """What the stages report about the result (``Transform.summary``), the first stage's
+    value for each key (e.g. ``sparsity``)."""
+    adapter = adapter_for(model)
+    found: dict = {}
+    for stage in stages:
+        for key, value in (stage.summary(model, adapter) or {}).items():
+            found.setdefault(key, value)
+    return found

@@ -1,8 +1,11 @@
 """The Transform: one configuration dataclass per technique, registered by name.
 
-A recipe is a list of Transforms. The runner (``core/runner.py``) calls, per block:
-``prepare`` (attach observers, masks, ...), one shared calibration pass when any
-Transform of the stage ``needs`` it, then ``convert`` (fold, quantise, swap modules).
+A recipe is a list of Transforms. The runner (``core/runner.py``, ``run_recipe``) runs
+them in recipe order. A one-shot stage is called per block: ``prepare`` (attach
+observers, masks, ...), one shared calibration pass when any Transform of the stage
+``needs`` it, then ``convert`` (fold, quantise, swap modules). A training stage
+(``needs = Needs.TRAINING``) gives the training loop a ``training_hook`` and may add
+``loss_terms``; consecutive training stages share one training run.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import enum
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -20,6 +23,11 @@ import torch.nn as nn
 from slimformer.errors import RecipeError
 from slimformer.models.adapters import Adapter
 from slimformer.nn.surgery import linear_weight
+
+if TYPE_CHECKING:
+    from slimformer.train.hooks import TrainHook
+    from slimformer.train.loop import TrainConfig
+    from slimformer.train.losses import LossTerm
 
 
 class Needs(enum.Enum):
@@ -135,6 +143,23 @@ class Transform:
 
     def finish(self, model: nn.Module, adapter: Adapter) -> None:
         """Optional: model-level work after all blocks (e.g. the LM head)."""
+
+    # -- training stages (``needs = Needs.TRAINING``) -----------------------------------
+
+    def training_hook(self, model: nn.Module, adapter: Adapter, config: "TrainConfig") -> "TrainHook":
+        """Required for a training stage: the hook that runs this technique inside the
+        training loop (masks, straight-through estimators, schedules). Called once, when the
+        training run this stage belongs to starts, after the stages before it have run."""
+        raise NotImplementedError(f"{type(self).__name__} is not a training stage")
+
+    def loss_terms(self, model: nn.Module, adapter: Adapter, config: "TrainConfig") -> list["LossTerm"]:
+        """Optional for a training stage: terms it adds to the loss (see ``train/losses.py``),
+        next to those of the recipe's ``train:`` section."""
+        return []
+
+    def summary(self, model: nn.Module, adapter: Adapter) -> dict | None:
+        """Optional: facts about the result worth reporting (e.g. ``{"sparsity": ...}``)."""
+        return None
 
     def target_linears(self, block: nn.Module, ctx: BlockContext) -> dict[str, nn.Module]:
         names = self.targets.select(ctx.adapter.linears, ctx.index)

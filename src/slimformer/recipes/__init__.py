@@ -1,3 +1,3 @@
-from slimformer.recipes.schema import Recipe, builtin_recipes, load_recipe
+from slimformer.recipes.schema import Recipe, apply_overrides, builtin_recipes, load_recipe
 
-__all__ = ["Recipe", "builtin_recipes", "load_recipe"]
+__all__ = ["Recipe", "apply_overrides", "builtin_recipes", "load_recipe"]

@@ -10,17 +10,21 @@ A recipe whose stages train (GMP, STE, ...) may carry a ``train:`` mapping of
 :class:`~slimformer.train.TrainConfig` settings (steps, lr, schedule, ...), read by
 ``slimformer train``; its flags override them.
 The same object is built from Python (``Recipe(name, [RTN(bits=4, ...)])``).
+
+``apply_overrides`` changes one argument of a stage (``--set GPTQ.block_size=64``): the
+value is read as a YAML scalar and checked exactly as the recipe's own arguments are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from slimformer.core.transform import Transform, build_transform
+from slimformer.core.transform import Transform, build_transform, registered
 from slimformer.errors import RecipeError
 
 _TOP_KEYS = {"name", "description", "stages", "train"}
@@ -95,3 +99,56 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise RecipeError(f"recipe file not found: {path}")
         return parse_recipe(path.read_text(), path.stem)
     raise RecipeError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(builtins)}; or a .yaml path)")
+
+
+def stage_args(stage: Transform) -> dict:
+    """The arguments that rebuild ``stage`` with ``build_transform`` (tuples as the lists
+    YAML would give)."""
+    args = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.init}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"Stage.field=value"`` → ``(stage, field, value)``, the value read as YAML."""
+    key, sep, raw = text.partition("=")
+    stage, dot, name = key.strip().partition(".")
+    if not sep or not dot or not stage or not name:
+        raise RecipeError(f"--set {text}: expected STAGE.FIELD=VALUE, e.g. GPTQ.block_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {text}: the value is not valid YAML") from None
+    return stage, name.strip(), value
+
+
+def apply_overrides(recipe: Recipe, overrides, *, missing: str = "error") -> Recipe:
+    """``recipe`` with stage arguments overridden. ``overrides``: ``"Stage.field=value"``
+    strings, or ``(label, "Stage.field=value")`` pairs where ``label`` is how the user
+    wrote it (for messages and the note appended to the recipe text). A stage name the
+    recipe lacks is an error, unless ``missing="skip"``."""
+    stages, notes = list(recipe.stages), []
+    for item in overrides:
+        label, text = item if isinstance(item, (tuple, list)) else (f"--set {item}", item)
+        name, key, value = parse_override(text)
+        if name not in registered():
+            raise RecipeError(f"{label}: unknown technique '{name}' (known: {', '.join(sorted(registered()))})")
+        hits = [i for i, stage in enumerate(stages) if type(stage).__name__ == name]
+        if not hits:
+            if missing == "skip":
+                continue
+            present = ", ".join(type(s).__name__ for s in stages)
+            raise RecipeError(f"{label} needs a recipe with a {name} stage; {recipe.name} has none (stages: {present})")
+        for i in hits:
+            try:
+                stages[i] = build_transform(name, {**stage_args(stages[i]), key: value})
+            except RecipeError as exc:
+                raise RecipeError(f"{label}: {exc}") from None
+        notes.append(label)
+    if not notes:
+        return recipe
+    text = (recipe.text or f"name: {recipe.name}").rstrip() + "\n" + "".join(f"# overridden: {n}\n" for n in notes)
+    return dataclasses.replace(recipe, stages=stages, text=text)
+
+
+def recipe_has_stage(recipe: Recipe, name: str) -> bool:
+    return any(type(stage).__name__ == name for stage in recipe.stages)

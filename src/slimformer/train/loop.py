@@ -1,7 +1,8 @@
 """A small training loop for short CPU fine-tuning, shared by the sparsity methods
 (and later QAT and distillation).
 
-Causal-LM or distillation loss, gradient accumulation, AdamW, warm-up then constant,
+A loss made of terms (``train/losses.py``: language modelling, distillation,
+regularisers), gradient accumulation, AdamW, warm-up then constant,
 linear or cosine decay, gradient clipping, checkpoints (safetensors) every
 ``save_every`` steps with exact resume, and a progress bar showing the loss. The
 techniques plug in as :class:`~slimformer.train.hooks.TrainHook`s.
@@ -25,12 +26,20 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from slimformer.errors import RecipeError, TrainingError
 from slimformer.train.hooks import TrainHook
+from slimformer.train.losses import (  # noqa: F401  (causal_lm_loss, distillation_loss: re-exported)
+    LossTerm,
+    Regularizer,
+    causal_lm_loss,
+    distillation_loss,
+    needs_teacher,
+    parse_terms,
+    with_teacher,
+)
 from slimformer.util.atomic import atomic_directory
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -50,7 +59,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1        # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    loss: Literal["causal_lm", "distill"] = "causal_lm"
+    loss: Literal["causal_lm", "distill"] | list = "causal_lm"   # or a list of terms: see train/losses.py
     distill_temperature: float = 2.0
     distill_weight: float = 0.5      # share of the distillation term; the rest is cross-entropy
     save_every: int = 0              # 0: only the final model
@@ -75,8 +84,11 @@ class TrainConfig:
             raise RecipeError(f"train: distill_weight must be in [0, 1], got {self.distill_weight!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise RecipeError(f"train: schedule must be constant, linear or cosine, got {self.schedule!r}")
-        if self.loss not in ("causal_lm", "distill"):
-            raise RecipeError(f"train: loss must be causal_lm or distill, got {self.loss!r}")
+        self.loss_terms()   # validates ``loss``
+
+    def loss_terms(self) -> list[LossTerm]:
+        """The terms ``loss`` names (``distill`` uses ``distill_weight`` and ``distill_temperature``)."""
+        return parse_terms(self.loss, distill_weight=self.distill_weight, distill_temperature=self.distill_temperature)
 
     @classmethod
     def parse(cls, mapping, **overrides) -> "TrainConfig":
@@ -136,19 +148,6 @@ class TokenBatches:
         return self.windows[order[position * self.batch_size:(position + 1) * self.batch_size]]
 
 
-def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target term, KL(teacher ‖ student) at ``temperature``, scaled by T² so
-    its gradients keep their size as T changes."""
-    t = temperature
-    student = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, 1)
-    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
-
-
 def run_fingerprint(model: nn.Module, recipe_text: str, source: str) -> dict:
     """What a checkpoint must match to be resumed: the model's architecture and the recipe."""
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
@@ -169,11 +168,18 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, batches: TokenBatches, *,
                  hooks: list[TrainHook] = (), teacher: nn.Module | None = None,
+                 terms: list[LossTerm] | None = None,
                  checkpoint_dir: Path | None = None, fingerprint: dict | None = None, progress: bool = True):
-        if config.loss == "distill" and teacher is None:
+        """``terms``: the loss (default: the terms ``config.loss`` names); ``teacher`` goes to
+        every distillation term without one. Each hook's ``regularizer`` is added as a
+        :class:`~slimformer.train.losses.Regularizer` term."""
+        terms = with_teacher(config.loss_terms() if terms is None else list(terms), teacher)
+        if needs_teacher(terms):
             raise TrainingError("the distillation loss needs a teacher model")
         self.model, self.config, self.batches = model, config, batches
         self.hooks, self.teacher = list(hooks), teacher
+        self.terms = terms + [Regularizer(fn=hook.regularizer) for hook in self.hooks
+                              if type(hook).regularizer is not TrainHook.regularizer]
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.fingerprint = fingerprint or {}
         self.progress = progress
@@ -190,13 +196,19 @@ class Trainer:
         return self.constant_lr if self.constant_lr is not None else self.config.lr_at(self.schedule_step)
 
     def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the loss terms on one micro-batch (logits computed once)."""
         logits = self.model(input_ids=ids, use_cache=False).logits
-        loss = causal_lm_loss(logits, ids)
-        if self.config.loss == "distill":
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-            weight = self.config.distill_weight
-            loss = weight * distillation_loss(logits, teacher_logits, self.config.distill_temperature) + (1 - weight) * loss
+        loss = None
+        for term in self.terms:
+            if term.weight == 0:
+                continue
+            value = term(self, ids, logits)
+            if value is None:
+                continue
+            value = value if term.weight == 1 else term.weight * value
+            loss = value if loss is None else loss + value
+        if loss is None:
+            raise TrainingError("the loss has no terms")
         return loss
 
     def train_step(self) -> dict:
@@ -208,10 +220,6 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             ids = self.batches(self.step * cfg.grad_accum + micro)
             loss = self.loss_on(ids)
-            for hook in self.hooks:
-                extra = hook.regularizer(self, self.step)
-                if extra is not None:
-                    loss = loss + extra
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
         for hook in self.hooks:

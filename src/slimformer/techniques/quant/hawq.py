@@ -189,21 +189,5 @@ def allocate_bits(cost: dict[str, list[float]], sizes: dict[str, int], choices: 
     return dict(reversed(list(bits.items())))
 
 
-def with_budget(recipe, budget_bits: float):
-    """``recipe`` with its HAWQ stages' budget set to ``budget_bits`` (``--budget-bits``)."""
-    import dataclasses
-
-    from slimformer.errors import RecipeError
-
-    if not any(isinstance(stage, HAWQ) for stage in recipe.stages):
-        raise RecipeError(f"--budget-bits needs a recipe with a HAWQ stage; {recipe.name} has none (try hawq-4.5)")
-    try:
-        stages = [dataclasses.replace(s, budget_bits=budget_bits) if isinstance(s, HAWQ) else s for s in recipe.stages]
-    except QuantConfigError as exc:
-        raise RecipeError(f"HAWQ: {exc}") from None
-    text = f"{recipe.text.rstrip()}\n# budget_bits overridden: --budget-bits {budget_bits:g}\n"
-    return dataclasses.replace(recipe, stages=stages, text=text)
-
-
 def average_bits(bits: dict[str, int], sizes: dict[str, int]) -> float:
     return sum(bits[n] * sizes[n] for n in bits) / sum(sizes[n] for n in bits)

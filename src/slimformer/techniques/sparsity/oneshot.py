@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from slimformer.core.transform import BlockContext, Transform, register, target_weights
+from slimformer.eval.sparsity import describe_sparsity
 from slimformer.formats.masks import (
     check_nm,
     check_sparsity,
@@ -34,9 +35,16 @@ def _prune(weight: torch.Tensor, mask: torch.Tensor, ctx: BlockContext, name: st
         weight.mul_(mask)
 
 
+class _Pruning(Transform):
+    """A one-shot pruning stage: its result is described by the sparsity of its targets."""
+
+    def summary(self, model, adapter):
+        return {"sparsity": describe_sparsity(target_weights(model, adapter, self.targets))}
+
+
 @register
 @dataclass(frozen=True)
-class Magnitude(Transform):
+class Magnitude(_Pruning):
     """Zero the smallest weights: ``sparsity`` of each layer (``scope: layer``) or of all
     targeted layers together under one threshold (``scope: global``)."""
 
@@ -65,7 +73,7 @@ class Magnitude(Transform):
 
 @register
 @dataclass(frozen=True)
-class NMSparsity(Transform):
+class NMSparsity(_Pruning):
     """Keep the ``n`` largest of every ``m`` consecutive input weights of each row.
 
     ``permute: true`` first searches a permutation of the input channels of the layers

@@ -28,6 +28,7 @@ import torch
 
 from slimformer.core.transform import Needs, Transform, register, target_weights
 from slimformer.errors import SparsityConfigError
+from slimformer.eval.sparsity import describe_sparsity  # noqa: F401  (also re-exported)
 from slimformer.formats.masks import (
     check_nm,
     check_sparsity,
@@ -65,8 +66,8 @@ class _SparsityTransform(Transform):
     def convert(self, block, ctx):
         raise SparsityConfigError(f"{type(self).__name__} prunes during training: use `slimformer train`")
 
-    def training_hook(self, model, adapter, config) -> TrainHook:
-        raise NotImplementedError
+    def summary(self, model, adapter):
+        return {"sparsity": describe_sparsity(target_weights(model, adapter, self.targets))}
 
 
 class MaskHook(TrainHook):
@@ -430,11 +431,3 @@ class TopKAST(_SparsityTransform):
 
     def training_hook(self, model, adapter, config):
         return TopKASTHook(target_weights(model, adapter, self.targets), self)
-
-
-def describe_sparsity(weights: dict[str, torch.Tensor]) -> dict:
-    """Overall sparsity of the targeted weights (for results and logs)."""
-    total = sum(w.numel() for w in weights.values())
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    return {"sparsity": zeros / total if total else 0.0,
-            "layers": {k: round(sparsity_of(w != 0), 6) for k, w in weights.items()}}
