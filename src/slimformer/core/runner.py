@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from slimformer.core.transform import BlockContext, Needs, Transform
 from slimformer.errors import DataError, QuantConfigError, RecipeError
 from slimformer.models.adapters import adapter_for
+from slimformer.nn.base import CompressedModule
 from slimformer.train.loop import TokenBatches, TrainConfig, Trainer, TrainResult
 from slimformer.train.losses import LossTerm, needs_teacher, with_teacher
 
@@ -270,8 +272,28 @@ def run_recipe(
         result.fallbacks.extend(run.fallbacks)
         for layer, facts in run.layers.items():
             result.layers.setdefault(layer, {}).update(facts)
+    for line in runtime_fallbacks(model):
+        if line not in result.fallbacks:
+            result.fallbacks.append(line)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def runtime_fallbacks(model: nn.Module) -> list[str]:
+    """``"layer: reason"`` for every compressed module that will run a slower path than its
+    format asked for (no kernel for it, kernels unavailable); one warning per reason names
+    how many layers and the first of them. Recorded in the result, ``slimformer.json`` and
+    the report."""
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedModule):
+            reason = module.runtime_fallback()
+            if reason:
+                found.setdefault(reason, []).append(name)
+    for reason, names in found.items():
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        warnings.warn(f"{names[0]}{more}: {reason}", RuntimeWarning, stacklevel=3)
+    return [f"{name}: {reason}" for reason, names in found.items() for name in names]
 
 
 def _train(model, adapter, stages, run: TrainingRun, terms, progress) -> TrainResult:

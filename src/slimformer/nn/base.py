@@ -65,6 +65,11 @@ class CompressedModule(nn.Module):
     def drop_runtime(self) -> None:
         """Forget whatever was built from the buffers (default: nothing is)."""
 
+    def runtime_fallback(self) -> str | None:
+        """Why this module will run a slower path than its format asked for (None: it will
+        not), known before it runs: what the runner records after compressing."""
+        return self.fallback
+
     def set_fallback(self, reason: str) -> None:
         """Record that this module runs a slower path than asked, and warn once per
         (module type, reason) in this process."""

@@ -106,6 +106,11 @@ class Int8OutlierLinear(CompressedLinear):
             y = part if y is None else y + part
         return y
 
+    def runtime_fallback(self) -> str | None:
+        if kernels.kernels_available():
+            return None
+        return f"kernels unavailable ({kernels.load_error()}): the int8 part runs as fake-quantised fp32 (reference path)"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
@@ -115,8 +120,7 @@ class Int8OutlierLinear(CompressedLinear):
                 self._runtime = kernels.prepare_int8(self.qweight, self.scale, None, 8, True)
             else:
                 self._runtime = False
-                self.set_fallback(f"kernels unavailable ({kernels.load_error()}): the int8 part runs as "
-                                  "fake-quantised fp32 (reference path)")
+                self.set_fallback(self.runtime_fallback())
         if self._runtime is False:
             y = self._int8_reference(x_int)
         else:

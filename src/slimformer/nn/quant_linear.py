@@ -173,44 +173,64 @@ class QuantLinear(CompressedLinear):
         self._runtime = None
         self._weight = None
 
-    def _prepare_runtime(self) -> tuple:
-        """Pick the kernel for this format and prepare the weight for it (once)."""
+    def _kernel_path(self) -> tuple[str | None, str | None]:
+        """``(kernel, why slower)`` for this format, decided from the format alone (nothing
+        is prepared): the kernel that runs it (None: the reference path) and, when the
+        layer runs slower than its format could, the reason."""
         spec, act = self.weight_spec, self.act_spec
         if not kernels.kernels_available():
-            warn_once("QuantLinear: no kernels",
-                      f"slimformer.kernels unavailable ({kernels.load_error()}); quantised layers run on a dense "
-                      "weight dequantised once and cached (more memory, fp32 speed)")
-            self.fallback = f"kernels unavailable ({kernels.load_error()}): dense cached weight"
-            return None, None
-        zero = None if spec.symmetric else self.zero
-        group = spec.group_size if spec.granularity == "group" else None
+            return None, f"kernels unavailable ({kernels.load_error()}): dense cached weight"
         per_row = spec.granularity != "group"
         if act is not None:
             if act.dynamic and act.bits == 8 and act.symmetric and act.granularity == "token":
                 if per_row:
-                    return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+                    return "w8a8", None
                 if spec.symmetric:  # group-wise weights (ZeroQuant)
-                    return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
-                self.set_fallback("W8A8 with asymmetric group-wise weights has no kernel: reference path "
-                                  "(fake-quantised input, cached dense weight)")
-            elif not act.dynamic:
-                self.set_fallback("static activation scales have no kernel: reference path "
-                                  "(fake-quantised input, cached dense weight)")
-            else:
-                self.set_fallback(f"activations a{act.bits}-{act.granularity}"
-                                  f"{'' if act.symmetric else '-asym'} have no kernel (only dynamic symmetric "
-                                  "int8 per token): reference path (fake-quantised input, cached dense weight)")
-            return None, None
+                    return "w8a8-group", None
+                return None, ("W8A8 with asymmetric group-wise weights has no kernel: reference path "
+                              "(fake-quantised input, cached dense weight)")
+            if not act.dynamic:
+                return None, ("static activation scales have no kernel: reference path "
+                              "(fake-quantised input, cached dense weight)")
+            return None, (f"activations a{act.bits}-{act.granularity}{'' if act.symmetric else '-asym'} have no "
+                          "kernel (only dynamic symmetric int8 per token): reference path (fake-quantised input, "
+                          "cached dense weight)")
         if spec.bits <= 4:
-            packed = kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric, bits=spec.bits)
-            if not packed.fast:
-                self.set_fallback("int4 kernel needs K and group size multiples of 16 and integer zero-points: "
-                                  "reference path")
-            return kernels.int4_linear, packed
+            group = spec.group_size if spec.granularity == "group" else self.in_features
+            if self.in_features % 16 or group % 16:
+                return "int4", "int4 kernel needs K and group size multiples of 16: reference path"
+            return "int4", None
         if per_row:
+            return "int8", None
+        return None, (f"{spec.bits}-bit group-wise weights have no kernel (int8 kernels take one scale per row): "
+                      "reference path (cached dense weight)")
+
+    def runtime_fallback(self) -> str | None:
+        return self._kernel_path()[1]
+
+    def _prepare_runtime(self) -> tuple:
+        """Pick the kernel for this format and prepare the weight for it (once)."""
+        kind, why = self._kernel_path()
+        if not kernels.kernels_available():
+            warn_once("QuantLinear: no kernels",
+                      f"slimformer.kernels unavailable ({kernels.load_error()}); quantised layers run on a dense "
+                      "weight dequantised once and cached (more memory, fp32 speed)")
+            self.fallback = why
+            return None, None
+        if why is not None:
+            self.set_fallback(why)
+        spec = self.weight_spec
+        zero = None if spec.symmetric else self.zero
+        group = spec.group_size if spec.granularity == "group" else None
+        if kind == "w8a8":
+            return kernels.w8a8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
+        if kind == "w8a8-group":
+            return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
+        if kind == "int4":
+            return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric,
+                                                             bits=spec.bits)
+        if kind == "int8":
             return kernels.int8_linear, kernels.prepare_int8(self.codes(), self.scale, zero, spec.bits, spec.symmetric)
-        self.set_fallback(f"{spec.bits}-bit group-wise weights have no kernel (int8 kernels take one scale per row): "
-                          "reference path (cached dense weight)")
         return None, None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
