@@ -190,13 +190,17 @@ def _compile(out: Path, cxx: str) -> None:
         proc = subprocess.run([cxx, *objs, *LINK_FLAGS, "-o", str(so)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise BuildError(f"linking the kernel library failed:\n{proc.stderr[-2000:]}")
-        data = so.read_bytes()
-        os.chmod(so, 0o755)
-        # sidecar first: a reader that sees the new .so also sees its hash
-        _atomic_write(sidecar(out), hashlib.sha256(data).hexdigest().encode() + b"\n", 0o644)
-        os.replace(so, out)
+        _install(so, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _install(so: Path, out: Path) -> None:
+    """Record ``so``'s sha256 in the sidecar, make it private, rename it to ``out``."""
+    os.chmod(so, 0o755)
+    # sidecar first: a reader that sees the new .so also sees its hash
+    _atomic_write(sidecar(out), hashlib.sha256(so.read_bytes()).hexdigest().encode() + b"\n", 0o644)
+    os.replace(so, out)
 
 
 def _abi_tag_ok(path: Path) -> bool:
