@@ -33,7 +33,7 @@ Dispatch by number of tokens M (rows of ``x``):
     AVX2 the tokens are quantised once and each group is one ``torch._int_mm``
     whose int32 result our kernel scales into the fp32 output (``ZQ_INT_MM_MIN_M``).
 
-Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
+Runtime layouts (``prepare_*``) differ from the stored format; see ``kernels.cpp``.
 Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
 with a warning naming the shape — never a wrong answer.
 """
@@ -428,7 +428,7 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
 # ZeroQuant's format: symmetric weights with one scale per group of input columns and
 # dynamic per-token symmetric int8 activations. The row-wise W8A8 path factors the
 # weight scale out of the whole row; with group scales each group's integer dot
-# product must be scaled separately, so it gets its own kernels (``_kernels.cpp``).
+# product must be scaled separately, so it gets its own kernels (``kernels.cpp``).
 # From this many tokens, per fused kernel: quantise the tokens once, then one
 # torch._int_mm per group (None: never). Measured on SmolLM2 shapes (benchmarks/
 # zeroquant.py, an AVX-512 VNNI CPU where oneDNN's _int_mm uses VNNI too): the VNNI
