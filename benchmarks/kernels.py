@@ -225,7 +225,7 @@ def compile_time_s() -> float:
 
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, SLIMFORMER_CACHE=d)
-        code = "import time;t=time.perf_counter();from slimformer.kernels._build import get_lib;" \
+        code = "import time;t=time.perf_counter();from slimformer.kernels import get_lib;" \
                "assert get_lib() is not None;print(time.perf_counter()-t)"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return round(float(out.stdout.strip().splitlines()[-1]), 2)

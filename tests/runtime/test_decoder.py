@@ -121,7 +121,7 @@ def _native_vs_reference(lin: W.RtLinear, M: int, dec: NativeDecoder, seed=0):
                                          ("q8", 7, 96, 32), ("f32", 13, 40, 40)])
 @pytest.mark.parametrize("M", [1, 3, 6])
 @pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
-def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M, half):
+def test_decode_kernels_on_odd_shapes(kind, N, K, gs, M, half, isa):
     dec = NativeDecoder.from_model(tiny_model("llama"))
     g = torch.Generator().manual_seed(N * K + M)
     G = K // gs
@@ -156,7 +156,7 @@ def _emulate_act8(lin: W.RtLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-def test_int8_activation_path_is_exactly_the_rounded_activation_product(kind):
+def test_int8_activation_path_is_exactly_the_rounded_activation_product(kind, isa):
     model = tiny_model("llama")
     exact = NativeDecoder.from_model(model)
     fast = NativeDecoder.from_model(model, activations="int8")

@@ -5,14 +5,19 @@ Why our own kernels: on an AVX2 CPU (no AVX-512/VNNI/AMX) torch's
 than fp32 F.linear, and no library callable from torch does fast int4/int8 GEMV on
 such CPUs. Batch-1 decode is memory-bound, so reading 1 byte (int8) or ~0.6 byte
 (int4 + group scales) per weight instead of 4 is the whole win. The kernels are
-AVX2+FMA C++ with OpenMP (``_kernels.cpp``), built once with g++ and loaded via
-ctypes (``_build.py``). numba was measured too (``benchmarks/kernels.py`` →
+AVX2+FMA C++ with OpenMP (``kernels.cpp``), built once with g++ into the package's
+one native library and loaded via ctypes (``_build.py``; ABI in ``slimformer.h`` and
+``abi.py``). numba was measured too (``benchmarks/kernels.py`` →
 ``benchmarks/results/kernels.json``): its auto-vectorised int8 matvec is on par or
 faster only where LLVM can use AVX-512 (the benchmark machine, an AMD EPYC Zen 4,
 does report avx512f/vnni even though the target was described as AVX2-only),
 and its int4 matvec (nibble unpacking) is ~10x slower than the C++ one; numba
 would also add a ~50 MB dependency and seconds of JIT per kernel. The kernels
-use only AVX2+FMA, so they run on any x86-64 CPU from Haswell/Zen 1 on.
+need AVX2+FMA (any x86-64 CPU from Haswell/Zen 1 on); the library holds one copy
+compiled for AVX2 and one for AVX-512, chosen at load from the CPU's features
+(``SLIMFORMER_ISA=avx2|avx512`` overrides, :func:`set_isa` switches). Without the
+library (no compiler, older CPU, ``SLIMFORMER_DISABLE_KERNELS=1``) every entry point
+falls back to :mod:`slimformer.kernels.reference`.
 
 Dispatch by number of tokens M (rows of ``x``):
   * M <= ``SMALL_M``: fused kernels that read each weight row once for all tokens;
@@ -28,43 +33,129 @@ Dispatch by number of tokens M (rows of ``x``):
     AVX2 the tokens are quantised once and each group is one ``torch._int_mm``
     whose int32 result our kernel scales into the fp32 output (``ZQ_INT_MM_MIN_M``).
 
-Runtime layouts (``prepare_*``) differ from the stored format; see ``_kernels.cpp``.
+Runtime layouts (``prepare_*``) differ from the stored format; see ``kernels.cpp``.
 Anything a kernel cannot handle falls back to :mod:`slimformer.kernels.reference`
 with a warning naming the shape — never a wrong answer.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from slimformer.kernels import reference
-from slimformer.kernels._build import get_lib, load_error
+from slimformer.kernels import abi, reference
+from slimformer.kernels import _build
 
 __all__ = [
     "PackedInt8", "PackedInt4", "PackedInt8Groups", "prepare_int8", "prepare_int4", "prepare_w8a8_groups",
     "int8_linear", "int4_linear", "w8a8_linear", "w8a8_group_linear", "quantize_tokens_int8",
-    "set_num_threads", "kernels_available", "reference",
+    "library", "available", "unavailable_reason", "isa", "supported_isas", "set_isa", "cpu_features",
+    "set_num_threads", "num_threads", "kernels_available", "reference",
 ]
 
-_NUM_THREADS = max(1, min(2, os.cpu_count() or 1))
+# ---------------------------------------------------------------------- the library
+_lib = None  # ctypes.CDLL once loaded
+_error: str | None = None
+_threads_override: int | None = None
+
+
+def get_lib():
+    """The loaded library, or None (reason in :func:`unavailable_reason`). Loads it on
+    first call; never raises."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        with _build._lock:
+            if _lib is None and _error is None:
+                try:
+                    _lib = _build.load()
+                except Exception as exc:  # noqa: BLE001 - any failure means: use the reference
+                    _error = str(exc) or type(exc).__name__
+    return _lib
+
+
+def library():
+    """The native library (``ctypes.CDLL``, every function declared); raises
+    RuntimeError naming the reason when it is unavailable."""
+    lib = get_lib()
+    if lib is None:
+        raise RuntimeError(f"slimformer native library unavailable: {_error}")
+    return lib
+
+
+def available() -> bool:
+    """Whether the native library loaded (False with ``SLIMFORMER_DISABLE_KERNELS=1``,
+    no compiler, a CPU without AVX2, an ABI mismatch, ...)."""
+    return get_lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is available)."""
+    return None if get_lib() is not None else _error
+
+
+# Older names, kept for callers.
+kernels_available = available
+load_error = unavailable_reason
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests: environment switches are read at load)."""
+    global _lib, _error
+    _lib, _error = None, None
+
+
+def cpu_features() -> set[str]:
+    """CPU features the library detected (``__builtin_cpu_supports``); empty if unavailable."""
+    lib = get_lib()
+    if lib is None:
+        return set()
+    bits = lib.sf_cpu_features()
+    return {name for name, bit in abi.CPU_FEATURES.items() if bits & bit}
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets this CPU runs the kernels with (``avx2``, ``avx512``)."""
+    lib = get_lib()
+    return [] if lib is None else [i for i, v in abi.ISAS.items() if lib.sf_isa_supported(v)]
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run with now (None when unavailable)."""
+    lib = get_lib()
+    if lib is None:
+        return None
+    return {v: k for k, v in abi.ISAS.items()}.get(lib.sf_get_isa())
+
+
+def set_isa(name: str) -> None:
+    """Run the kernels with instruction set ``name`` from now on (process-wide; the
+    environment's ``SLIMFORMER_ISA`` sets it at load). Raises when unsupported here."""
+    lib = library()
+    if name not in abi.ISAS:
+        raise ValueError(f"unknown instruction set {name!r} (choose from {', '.join(abi.ISAS)})")
+    if lib.sf_set_isa(abi.ISAS[name]) != 0:
+        raise RuntimeError(f"this CPU cannot run the {name} kernels (it has: {', '.join(sorted(cpu_features()))})")
+
+
+def num_threads() -> int:
+    """Threads the C kernels use: ``torch.get_num_threads()`` (which ``--threads``
+    sets), unless :func:`set_num_threads` overrides it."""
+    return _threads_override or max(1, torch.get_num_threads())
+
+
 SMALL_M = {"int8": 8, "int4": 8}  # fused path up to this many tokens (measured: beats dequant+GEMM to M=8)
 W8A8_INT_MM_MIN_M = 1  # torch._int_mm for M >= this, else our AVX2 maddubs kernel (measured)
 _TILE_BYTES = 8 << 20  # fp32 tile size for the dequantise + GEMM path
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by the C kernels (torch's GEMM follows ``torch.set_num_threads``)."""
-    global _NUM_THREADS
-    _NUM_THREADS = max(1, int(n))
-
-
-def kernels_available() -> bool:
-    return get_lib() is not None
+def set_num_threads(n: int | None) -> None:
+    """Override the C kernels' thread count (None: follow ``torch.get_num_threads()``
+    again). torch's own GEMMs always follow ``torch.set_num_threads``."""
+    global _threads_override
+    _threads_override = None if n is None else max(1, int(n))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -163,20 +254,20 @@ def int8_linear(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None =
     N, K = packed.shape
     lib = get_lib()
     if lib is None:
-        _warn_fallback("int8", (N, K), f"kernels unavailable ({load_error()})")
+        _warn_fallback("int8", (N, K), f"kernels unavailable ({unavailable_reason()})")
         return F.linear(x.float(), packed.dequantize(), _prep_bias(bias)).to(x.dtype)
     x2, b = _prep_x(x, K), _prep_bias(bias)
     M = x2.shape[0]
     if M <= SMALL_M["int8"]:
         y = torch.empty(M, N, dtype=torch.float32)
         lib.sf_w8_linear(packed.q.data_ptr(), packed.scale.data_ptr(), packed.corr.data_ptr(), x2.data_ptr(),
-                         _ptr(b), y.data_ptr(), M, N, K, _NUM_THREADS)
+                         _ptr(b), y.data_ptr(), M, N, K, num_threads())
     else:
         q, s, c = packed.q, packed.scale, packed.corr
 
         def dequant(n0, n1, out):
             lib.sf_w8_dequant(q[n0].data_ptr(), s[n0].data_ptr(), c[n0].data_ptr(), out.data_ptr(),
-                              n1 - n0, K, _NUM_THREADS)
+                              n1 - n0, K, num_threads())
 
         y = _dequant_gemm(x2, N, K, b, dequant)
     return _finish(y, x, N)
@@ -190,7 +281,7 @@ def w8a8_linear(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None =
     N, K = packed.shape
     lib = get_lib()
     if lib is None or packed.corr_i is None:
-        why = f"kernels unavailable ({load_error()})" if lib is None else "non-integer zero-point"
+        why = f"kernels unavailable ({unavailable_reason()})" if lib is None else "non-integer zero-point"
         _warn_fallback("w8a8", (N, K), why)
         return _w8a8_fallback(x, packed, bias)
     x2, b = _prep_x(x, K), _prep_bias(bias)
@@ -203,10 +294,10 @@ def w8a8_linear(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None =
     acc = _int_mm(qx, packed.q) if M >= W8A8_INT_MM_MIN_M else None
     if acc is not None:
         lib.sf_w8a8_rescale(acc.data_ptr(), packed.corr_i.data_ptr(), qsum.data_ptr(), sx.data_ptr(),
-                            packed.scale.data_ptr(), _ptr(b), y.data_ptr(), M, N, _NUM_THREADS)
+                            packed.scale.data_ptr(), _ptr(b), y.data_ptr(), M, N, num_threads())
     else:
         lib.sf_w8a8_linear(packed.q.data_ptr(), packed.scale.data_ptr(), packed.corr_i.data_ptr(), qx.data_ptr(),
-                           sx.data_ptr(), qsum.data_ptr(), _ptr(b), y.data_ptr(), M, N, K, _NUM_THREADS)
+                           sx.data_ptr(), qsum.data_ptr(), _ptr(b), y.data_ptr(), M, N, K, num_threads())
     return _finish(y, x, N)
 
 
@@ -314,20 +405,20 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
     lib = get_lib()
     if lib is None or not packed.fast:
         if lib is None:
-            _warn_fallback("int4", (N, K), f"kernels unavailable ({load_error()})")
+            _warn_fallback("int4", (N, K), f"kernels unavailable ({unavailable_reason()})")
         return F.linear(x.float(), packed.dequantize(), _prep_bias(bias)).to(x.dtype)
     x2, b = _prep_x(x, K), _prep_bias(bias)
     M, gs = x2.shape[0], packed.group_size
     if M <= SMALL_M["int4"]:
         y = torch.empty(M, N, dtype=torch.float32)
         lib.sf_w4_linear(packed.packed.data_ptr(), packed.scale.data_ptr(), packed.zo.data_ptr(), x2.data_ptr(),
-                         _ptr(b), y.data_ptr(), M, N, K, gs, _NUM_THREADS)
+                         _ptr(b), y.data_ptr(), M, N, K, gs, num_threads())
     else:
         p, s, z = packed.packed, packed.scale, packed.zo
 
         def dequant(n0, n1, out):
             lib.sf_w4_dequant(p[n0].data_ptr(), s[n0].data_ptr(), z[n0].data_ptr(), out.data_ptr(),
-                              n1 - n0, K, gs, _NUM_THREADS)
+                              n1 - n0, K, gs, num_threads())
 
         y = _dequant_gemm(x2, N, K, b, dequant)
     return _finish(y, x, N)
@@ -337,7 +428,7 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None =
 # ZeroQuant's format: symmetric weights with one scale per group of input columns and
 # dynamic per-token symmetric int8 activations. The row-wise W8A8 path factors the
 # weight scale out of the whole row; with group scales each group's integer dot
-# product must be scaled separately, so it gets its own kernels (``_kernels.cpp``).
+# product must be scaled separately, so it gets its own kernels (``kernels.cpp``).
 # From this many tokens, per fused kernel: quantise the tokens once, then one
 # torch._int_mm per group (None: never). Measured on SmolLM2 shapes (benchmarks/
 # zeroquant.py, an AVX-512 VNNI CPU where oneDNN's _int_mm uses VNNI too): the VNNI
@@ -423,35 +514,17 @@ def prepare_w8a8_groups(codes_u8: torch.Tensor, scale: torch.Tensor, group_size:
     return packed
 
 
-_ZQ_DECLARED = False
-
-
 def _zq_lib():
-    """The kernel library with the group-wise W8A8 entry points declared (or None)."""
-    global _ZQ_DECLARED
-    lib = get_lib()
-    if lib is not None and not _ZQ_DECLARED:
-        import ctypes
-
-        P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for name, args in {
-            "sf_zq_quant_act": [P, P, P, I64, I64, INT],
-            "sf_zq_linear": [P, P, P, P, P, I64, I64, I64, I64, INT],
-            "sf_zqv_linear": [P, P, P, P, P, I64, I64, I64, I64, INT],
-            "sf_zq_accumulate": [P, P, P, P, P, I64, I64, INT, INT, INT],
-        }.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
-        lib.sf_zq_has_vnni.argtypes, lib.sf_zq_has_vnni.restype = [], INT
-        _ZQ_DECLARED = True
-    return lib
+    """The kernel library (or None); kept as a name for the group-wise W8A8 paths."""
+    return get_lib()
 
 
 def zq_isa() -> str:
-    """The best fused group-wise W8A8 kernel this CPU runs: ``vnni`` (AVX-512 VNNI)
-    or ``avx2``."""
+    """The best fused group-wise W8A8 kernel this CPU runs: ``vnni`` (AVX-512 VNNI,
+    when the kernels run with the ``avx512`` instruction set) or ``avx2``."""
     lib = _zq_lib()
-    return "vnni" if lib is not None and lib.sf_zq_has_vnni() else "avx2"
+    vnni = lib is not None and lib.sf_zq_has_vnni() and lib.sf_get_isa() == abi.ISAS["avx512"]
+    return "vnni" if vnni else "avx2"
 
 
 def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,7 +539,7 @@ def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q.to(torch.int8), sx.reshape(M)
     qx = torch.empty(M, K, dtype=torch.int8)
     sx = torch.empty(M, dtype=torch.float32)
-    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, _NUM_THREADS)
+    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, num_threads())
     return qx, sx
 
 
@@ -477,7 +550,7 @@ def w8a8_group_linear(x: torch.Tensor, packed: PackedInt8Groups, bias: torch.Ten
     N, K = packed.shape
     lib = _zq_lib()
     if lib is None:
-        _warn_fallback("w8a8-group", (N, K), f"kernels unavailable ({load_error()})")
+        _warn_fallback("w8a8-group", (N, K), f"kernels unavailable ({unavailable_reason()})")
         return _w8a8_group_fallback(x, packed, bias)
     x2, b = _prep_x(x, K), _prep_bias(bias)
     M, gs = x2.shape[0], packed.group_size
@@ -487,10 +560,10 @@ def w8a8_group_linear(x: torch.Tensor, packed: PackedInt8Groups, bias: torch.Ten
         pass
     elif packed.isa == "vnni":
         lib.sf_zqv_linear(packed.wv.data_ptr(), packed.sv.data_ptr(), x2.data_ptr(), _ptr(b), y.data_ptr(),
-                          M, N, K, gs, _NUM_THREADS)
+                          M, N, K, gs, num_threads())
     else:
         lib.sf_zq_linear(packed.q.data_ptr(), packed.scale.data_ptr(), x2.data_ptr(), _ptr(b), y.data_ptr(),
-                         M, N, K, gs, _NUM_THREADS)
+                         M, N, K, gs, num_threads())
     return _finish(y, x, N)
 
 
@@ -503,7 +576,7 @@ def _w8a8_group_gemm(lib, x2: torch.Tensor, packed: PackedInt8Groups, b, y: torc
     (M, K), (N, gs) = x2.shape, (packed.shape[0], packed.group_size)
     qx = torch.empty(M, K, dtype=torch.int8)
     sx = torch.empty(M, dtype=torch.float32)
-    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, _NUM_THREADS)
+    lib.sf_zq_quant_act(x2.data_ptr(), qx.data_ptr(), sx.data_ptr(), M, K, num_threads())
     acc = torch.empty(M, N, dtype=torch.int32)
     G, qw = K // gs, packed.signed_weights()
     for g in range(G):
@@ -514,7 +587,7 @@ def _w8a8_group_gemm(lib, x2: torch.Tensor, packed: PackedInt8Groups, b, y: torc
             _INT_MM_OK = False
             return False
         lib.sf_zq_accumulate(acc.data_ptr(), packed.scale_t[g].data_ptr(), y.data_ptr(), sx.data_ptr(), _ptr(b),
-                             M, N, int(g == 0), int(g == G - 1), _NUM_THREADS)
+                             M, N, int(g == 0), int(g == G - 1), num_threads())
     return True
 
 

@@ -4,7 +4,7 @@ window, Qwen2, Qwen3 with its per-head q/k norm, SmolLM2), built from the adapte
 
 Prefill (many tokens) runs in torch: packed variable-length sequences (no padding),
 fp32 GEMMs on tiles of dequantised weights, ``scaled_dot_product_attention`` per
-sequence. Decode (one token per sequence) is one call into ``_decoder.cpp`` that runs
+sequence. Decode (one token per sequence) is one call into ``kernels/decoder.cpp`` that runs
 the whole step in a single OpenMP region over a preallocated KV cache: no Python per
 layer and no allocation per step. Both write the same cache.
 """
@@ -21,48 +21,22 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.errors import SlimformerError, UnsupportedArchitectureError
+from slimformer.kernels.abi import CLayer, CLinear, CModel, CScratch
 from slimformer.models.adapters.base import DecoderSpec, adapter_for
 from slimformer.runtime import weights as W
 from slimformer.runtime.weights import RtLinear
 
-_SRC = Path(__file__).with_name("_decoder.cpp")
 ACTIVATIONS = ("fp32", "int8")  # how decode multiplies quantised weights (see NativeDecoder.from_model)
 HEADS = ("model", "int8")  # the LM head as the model has it, or rounded to int8
-_lib: ctypes.CDLL | None = None
 
 
 class GenerationError(SlimformerError):
     """Bad generation input: prompt too long, bad sampling options, ..."""
 
 
-# ----------------------------------------------------------------------- ctypes mirror
+# ----------------------------------------------------------------------- ctypes mirror (kernels/abi.py)
 _P = ctypes.c_void_p
-
-
-class _CLinear(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32), ("gs", ctypes.c_int32),
-                ("half", ctypes.c_int32), ("w", _P), ("scale", _P), ("minv", _P), ("zero", _P), ("bias", _P),
-                ("corr", _P)]
-
-
-class _CLayer(ctypes.Structure):
-    _fields_ = [("attn_norm", _P), ("qkv", _CLinear), ("o", _CLinear), ("mlp_norm", _P),
-                ("gate_up", _CLinear), ("down", _CLinear),
-                # appended: Qwen3 per-head q/k norm (null: none), sliding window (0: none)
-                ("q_norm", _P), ("k_norm", _P), ("window", ctypes.c_int32)]
-
-
-class _CScratch(ctypes.Structure):
-    _fields_ = [(n, _P) for n in ("h", "xg", "xb", "qx", "sx", "qsum")]
-
-
-class _CModel(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
-                                              "max_len", "max_batch", "max_pos")] + [
-        ("eps", ctypes.c_float), ("act8", ctypes.c_int32), ("n_scratch", ctypes.c_int32), ("layers", _P),
-        ("final_norm", _P), ("lm_head", _CLinear), ("embed", _CLinear), ("rope_cos", _P), ("rope_sin", _P),
-        ("k_cache", _P), ("v_cache", _P), ("x", _P), ("qkv", _P), ("att", _P), ("gu", _P), ("act", _P),
-        ("scores", _P), ("scratch", _P)]
+_CLinear, _CLayer, _CScratch, _CModel = CLinear, CLayer, CScratch, CModel
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -93,22 +67,10 @@ def native_available() -> tuple[bool, str]:
 
 
 def native_library() -> ctypes.CDLL:
-    """The compiled decode step (built once, cached); raises RuntimeError if unavailable."""
-    global _lib
-    if _kernels_disabled():
-        raise RuntimeError("native library disabled by SLIMFORMER_DISABLE_KERNELS")
-    if _lib is None:
-        from slimformer.kernels._build import load_library
+    """The native library (slimformer.kernels, built once and cached); raises RuntimeError if unavailable."""
+    from slimformer import kernels
 
-        lib = load_library(_SRC)
-        lib.sf_decode_step.argtypes = [_P, ctypes.c_int, _P, _P, _P, ctypes.c_int]
-        lib.sf_decode_step.restype = None
-        lib.sf_dequant_rows.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
-        lib.sf_dequant_rows.restype = None
-        lib.sf_linear.argtypes = [_P, _P, _P, ctypes.c_int, _P, ctypes.c_int]
-        lib.sf_linear.restype = None
-        _lib = lib
-    return _lib
+    return kernels.library()
 
 
 # ----------------------------------------------------------------------- the model

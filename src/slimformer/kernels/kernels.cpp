@@ -1,7 +1,9 @@
 // slimformer CPU kernels: weight-only int8 / int4 and W8A8 matmul, AVX2 + FMA + OpenMP.
 //
-// Plain C ABI (no torch headers) so the library compiles in ~2 s with g++ and is
-// loaded with ctypes; see _build.py. Every function takes raw contiguous pointers.
+// Plain C ABI (no torch headers, declared in slimformer.h) so the library compiles in
+// seconds with g++ and is loaded with ctypes; see _build.py. Every function takes raw
+// contiguous pointers. This file is compiled once per ISA into namespace SF_NS
+// (sf_avx2, sf_avx512); dispatch.cpp exports the C names and picks the copy.
 //
 // Layouts (built by prepare_* in __init__.py):
 //   int8 : q [N,K] int8 = code - 128;  w = (q + corr[n]) * scale[n]
@@ -15,58 +17,18 @@
 #include <string.h>
 #include <stdlib.h>
 
+#include "slimformer.h"
+#include "simd.h"
+
+#ifndef SF_NS
+#error "compile with -DSF_NS=sf_<isa> (see _build.py)"
+#endif
+
+namespace SF_NS {
+SF_ISA_KERNELS(SF_DECLARE_ISA_COPY)
+
 // Below this many weights a matvec runs on one thread (fork/join costs more).
 #define SMALL_WORK (64 * 1024)
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v);
-    __m128 hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    __m128 sh = _mm_movehdup_ps(lo);
-    lo = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, lo);
-    lo = _mm_add_ss(lo, sh);
-    return _mm_cvtss_f32(lo);
-}
-
-static inline int32_t hsum8i(__m256i v) {
-    __m128i lo = _mm256_castsi256_si128(v);
-    __m128i hi = _mm256_extracti128_si256(v, 1);
-    lo = _mm_add_epi32(lo, hi);
-    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4E));
-    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xB1));
-    return _mm_cvtsi128_si32(lo);
-}
-
-static inline __m256 ld_i8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-static float dot_f32(const float* a, const float* b, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
-    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) s += a[k] * b[k];
-    return s;
-}
-
-static float sum_f32(const float* a, int64_t K) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(a + k));
-    float s = hsum8(acc);
-    for (; k < K; ++k) s += a[k];
-    return s;
-}
 
 static inline void unpack16(const uint8_t* p, __m256& lo, __m256& hi) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
@@ -131,7 +93,6 @@ static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z
     }
 }
 
-extern "C" {
 
 // ---------------------------------------------------------------- int8 weight-only
 // y[m,n] = scale[n] * (dot(q[n], x[m]) + corr[n] * sum(x[m])) + bias[n]
@@ -352,22 +313,6 @@ void sf_quant_act(const float* x, int8_t* qx, float* sx, int32_t* qsum, int64_t 
     }
 }
 
-// Exact int32 dot of int8 a (any value) and int8 b (in -127..127):
-// maddubs(|a|, sign(b, a)) pairs fit int16 (128*127*2 < 32767).
-static inline int32_t idot(const int8_t* a, const int8_t* b, int64_t K) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
-        __m256i vb = _mm256_loadu_si256((const __m256i*)(b + k));
-        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(va), _mm256_sign_epi8(vb, va));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-    }
-    int32_t s = hsum8i(acc);
-    for (; k < K; ++k) s += (int32_t)a[k] * (int32_t)b[k];
-    return s;
-}
 
 // y[m,n] = (dot(q[n], qx[m]) + corr[n] * qsum[m]) * (sx[m] * sw[n]) + bias[n]
 void sf_w8a8_linear(const int8_t* q, const float* sw, const int32_t* corr, const int8_t* qx,
@@ -402,7 +347,6 @@ void sf_w8a8_rescale(const int32_t* acc, const int32_t* corr, const int32_t* qsu
     }
 }
 
-}  // extern "C"
 
 
 
@@ -612,15 +556,9 @@ SF_VNNI static void zqv_rows(const uint8_t* wv, const float* sv, const int8_t* q
     }
 }
 
-// 1 when this CPU (and OS) can run the VNNI kernel.
-extern "C" int sf_zq_has_vnni(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-}
 
 // Quantise M tokens of x [M,K] (fp32) to int8 codes qx [M,K] and scales sx [M].
-extern "C" void sf_zq_quant_act(const float* x, int8_t* qx, float* sx, int64_t M, int64_t K, int nt) {
+void sf_zq_quant_act(const float* x, int8_t* qx, float* sx, int64_t M, int64_t K, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (M * K > 65536)
     for (int64_t m = 0; m < M; ++m) zq_quant_row(x + m * K, qx + m * K, sx + m, K, K, nullptr);
 }
@@ -628,7 +566,7 @@ extern "C" void sf_zq_quant_act(const float* x, int8_t* qx, float* sx, int64_t M
 // Fused kernel, AVX2: quantise x inside (one pass per token, into a private buffer),
 // then the group-wise integer dot products with the dequantisation in the epilogue.
 // Blocks of NB weight rows stay in L1 while the tokens stream past in chunks of 4.
-extern "C" void sf_zq_linear(const int8_t* qw, const float* sw, const float* x, const float* bias, float* y,
+void sf_zq_linear(const int8_t* qw, const float* sw, const float* x, const float* bias, float* y,
                              int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
     if (M <= 0 || N <= 0) return;
     const int64_t G = K / gs;
@@ -668,7 +606,7 @@ extern "C" void sf_zq_linear(const int8_t* qw, const float* sw, const float* x, 
 // Fused kernel, VNNI layout (K % 4 == 0, gs % 4 == 0): wv [ceil(N/8)][K/4][8][4] uint8
 // (w + 128, padded rows 128), sv [ceil(N/8)][G][8] float32 (padded rows 0).
 // Threads take tiles of 16 rows (2 row vectors); each tile streams all tokens.
-extern "C" SF_VNNI void sf_zqv_linear(const uint8_t* wv, const float* sv, const float* x, const float* bias,
+SF_VNNI void sf_zqv_linear(const uint8_t* wv, const float* sv, const float* x, const float* bias,
                                       float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
     if (M <= 0 || N <= 0) return;
     const int64_t G = K / gs, NV = (N + 7) / 8;
@@ -698,7 +636,7 @@ extern "C" SF_VNNI void sf_zqv_linear(const uint8_t* wv, const float* sv, const 
 // Epilogue of one group's int32 GEMM done elsewhere (torch._int_mm), acc [M,N]:
 // y (+)= acc * swt_g (swt_g: row g of the transposed group scales [G, N]); after the
 // last group y = y * sx[m] + bias[n].
-extern "C" void sf_zq_accumulate(const int32_t* acc, const float* swt_g, float* y, const float* sx,
+void sf_zq_accumulate(const int32_t* acc, const float* swt_g, float* y, const float* sx,
                                  const float* bias, int64_t M, int64_t N, int first, int last, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (M * N > 16384)
     for (int64_t m = 0; m < M; ++m) {
@@ -727,3 +665,5 @@ extern "C" void sf_zq_accumulate(const int32_t* acc, const float* swt_g, float* 
         }
     }
 }
+
+}  // namespace SF_NS

@@ -8,6 +8,9 @@
 // step inside ONE OpenMP parallel region (threads meet at barriers, never fork again)
 // and writes only into buffers the caller preallocated.
 //
+// Structs (SfLinear, SfLayer, SfScratch, SfModel) are declared in slimformer.h; this
+// file is compiled once per ISA into namespace SF_NS (see kernels.cpp).
+//
 // Weight formats (SfLinear.kind), all "w = c * scale[n, g] + minv[n, g]" per group of
 // gs input columns (minv may be null):
 //   F32  : w [N, K] float
@@ -31,65 +34,17 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "slimformer.h"
+#include "simd.h"
+
+#ifndef SF_NS
+#error "compile with -DSF_NS=sf_<isa> (see _build.py)"
+#endif
+
+namespace SF_NS {
+SF_ISA_KERNELS(SF_DECLARE_ISA_COPY)
+
 enum { F32 = 0, Q8 = 1, Q4 = 2, Q8A8 = 3, Q8A8G = 4 };
-
-struct SfLinear {
-    int32_t kind, N, K, gs;
-    int32_t half;           // Q8/Q4: scale and minv are float16 (GGUF's own, and our fp16 scales)
-    const void* w;
-    const void* scale;      // [N, K / gs] float or float16 (Q8A8: [N] float)
-    const void* minv;       // [N, K / gs] float or float16, or null
-    const uint8_t* zero;    // [N, K / gs] or null: integer zero-points, minv = -zero * scale
-                            // (exact in fp32; 1 byte per group instead of 2-4)
-    const float* bias;      // [N] or null
-    const int32_t* corr;    // Q8A8: [N]
-};
-
-struct SfLayer {
-    const float* attn_norm;
-    SfLinear qkv, o;
-    const float* mlp_norm;
-    SfLinear gate_up, down;
-    // Appended (Qwen3, Mistral): see qk_head_norm and attn_first_position below.
-    const float* q_norm;    // [head_dim] RMSNorm weight applied to each q head before RoPE, or null
-    const float* k_norm;    // [head_dim] the same for k heads, or null
-    int32_t window;         // sliding window: attend to the last `window` positions (0: all)
-};
-
-// Per-thread scratch: every thread prepares a linear layer's input itself (RMSNorm,
-// group sums, int8 rounding: a few thousand values) instead of sharing it behind a
-// barrier; barriers cost more than the duplicated work at batch 1.
-struct SfScratch {
-    float* h;        // [B, max K] normalised input
-    float* xg;       // [B, max K / 16] group sums of x
-    float* xb;       // [B, max K / 32] act8: block sums of the rounded x (d * sum q)
-    int8_t* qx;      // [B, max K]
-    float* sx;       // [B] (Q8A8) | [B, max K / 32] (act8 block scales)
-    int32_t* qsum;   // [B]
-};
-
-struct SfModel {
-    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_len, max_batch, max_pos;
-    float eps;
-    int32_t act8;                 // see above
-    int32_t n_scratch;            // threads the scratch was allocated for
-    const SfLayer* layers;
-    const float* final_norm;
-    SfLinear lm_head;
-    SfLinear embed;               // F32 or Q8 [vocab, hidden]: rows are looked up, never multiplied
-    const float* rope_cos;        // [max_pos, head_dim / 2]
-    const float* rope_sin;
-    float* k_cache;               // [n_layers, max_batch, n_kv, max_len, head_dim]
-    float* v_cache;
-    // shared activations, sized for max_batch tokens
-    float* x;        // [B, hidden] residual stream
-    float* qkv;      // [B, (n_heads + 2 n_kv) head_dim]
-    float* att;      // [B, n_heads head_dim]
-    float* gu;       // [B, 2 inter]
-    float* act;      // [B, inter]
-    float* scores;   // [B, n_heads, max_len]
-    SfScratch* scratch;  // [n_scratch]
-};
 
 // A row's group scales (or offsets), float or float16 — half the bytes, converted once
 // per group of >= 16 weights (F16C).
@@ -103,34 +58,6 @@ struct Scales {
         return {half ? (const void*)((const uint16_t*)p + off) : (const void*)((const float*)p + off), half};
     }
 };
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sh = _mm_movehdup_ps(lo);
-    lo = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, lo);
-    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
-
-static inline int32_t hsum8i(__m256i v) {
-    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4E));
-    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xB1));
-    return _mm_cvtsi128_si32(lo);
-}
-
-static inline __m256 ld_i8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-static inline float sum_f32(const float* a, int64_t K) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(a + k));
-    float s = hsum8(acc);
-    for (; k < K; ++k) s += a[k];
-    return s;
-}
 
 // sum_g v[g] * x[g] over a row's group offsets (float or float16), 8 groups per step:
 // with groups of 32 this term is a sixth of a row's work, too much to leave scalar.
@@ -290,22 +217,6 @@ static inline void row_q8_a8(const int8_t* r, Scales sc, int K, int gs, const in
         for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, acc[t], tot[t]);
     }
     for (int t = 0; t < MT; ++t) out[t] = hsum8(tot[t]);
-}
-
-// Exact int32 dot of int8 a (any value) and int8 b (-127..127).
-static inline int32_t idot(const int8_t* a, const int8_t* b, int K) {
-    __m256i acc = _mm256_setzero_si256();
-    const __m256i ones = _mm256_set1_epi16(1);
-    int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
-        __m256i vb = _mm256_loadu_si256((const __m256i*)(b + k));
-        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-    }
-    int32_t s = hsum8i(acc);
-    for (; k < K; ++k) s += (int32_t)a[k] * (int32_t)b[k];
-    return s;
 }
 
 template <int MT>
@@ -537,7 +448,6 @@ static inline void rope(float* v, const float* c, const float* s, int hd) {
     }
 }
 
-extern "C" {
 
 // One decode step for B sequences: token[b] at position pos[b] (its K/V are written to
 // the cache at pos[b]; attention reads positions 0..pos[b]). logits: [B, vocab].
@@ -679,4 +589,4 @@ void sf_dequant_rows(const SfLinear* Lp, int n0, int n1, float* out, int nt) {
     }
 }
 
-}  // extern "C"
+}  // namespace SF_NS
