@@ -227,6 +227,11 @@ class QuantLinear(CompressedLinear):
         if kind == "w8a8-group":
             return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
         if kind == "int4":
+            if self.qweight.dim() == 2:  # the Q4 layout: the kernels read these bytes as they are
+                return kernels.int4_linear, kernels.prepare_int4_q4(self.qweight, self.scale, zero, group,
+                                                                    spec.symmetric, spec.bits,
+                                                                    self.out_features, self.in_features)
+            # the bit stream (2-3 bits, rows not a multiple of 32): unpacked to the Q4 layout once
             return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric,
                                                              bits=spec.bits)
         if kind == "int8":
