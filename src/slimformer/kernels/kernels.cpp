@@ -12,8 +12,9 @@
 //          QuantLinear stores and decoder.cpp reads): every 32 codes of a row in 16 bytes,
 //          byte j = code[j] | code[j+16] << 4.  w = (code - zo[n,g]) * scale[n,g]
 //          with zo = offset + zero (uint8), groups of `gs` columns. gs % 32 == 0 is the
-//          fast path; gs % 32 == 16 is read 16 codes at a time (q4_load16), and a row of
-//          K % 32 == 16 ends in a half block (16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4).
+//          fast path (a group is whole blocks); gs % 32 == 16 goes block by block, each
+//          16-code half scaled by its own group (Q4Groups), and a row of K % 32 == 16 ends
+//          in a half block (16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4).
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
@@ -32,6 +33,19 @@ SF_ISA_KERNELS(SF_DECLARE_ISA_COPY)
 
 // Below this many weights a matvec runs on one thread (fork/join costs more).
 #define SMALL_WORK (64 * 1024)
+
+// Group of each 16-code half block in turn (gs % 16 == 0: a half never straddles two
+// groups), without a division per block.
+struct Q4Groups {
+    int64_t g = 0, left;
+    explicit Q4Groups(int64_t gs) : left(gs), gs_(gs) {}
+    int64_t next() {
+        const int64_t cur = g;
+        if ((left -= 16) == 0) { ++g; left = gs_; }
+        return cur;
+    }
+    int64_t gs_;
+};
 
 // Small-M fused kernels: one weight row, MT (<= 4) tokens per pass, so each weight
 // is converted once and used for MT tokens (x rows stay in L1).
@@ -60,7 +74,7 @@ static inline void w8_row_mt(const int8_t* r, float sc, float cr, const float* x
     }
 }
 
-// FULL: gs % 32 == 0, whole Q4 blocks; else 16 codes at a time (q4_load16).
+// FULL: gs % 32 == 0, groups of whole Q4 blocks; else block by block (Q4Groups).
 template <int MT, bool FULL>
 static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z, const float* x,
                              const float* xg, const float* bias, float* y, int64_t N, int64_t K,
@@ -68,10 +82,10 @@ static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z
     const int64_t G = K / gs, K32 = K & ~(int64_t)31;
     __m256 tot[MT];
     for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-        __m256 pa[MT], pb[MT];
-        for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
-        if (FULL) {
+    if (FULL) {
+        for (int64_t g = 0; g < G; ++g) {
+            __m256 pa[MT], pb[MT];
+            for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
             for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
                 for (int hf = 0; hf < 2; ++hf) {  // bytes 8hf..: codes k+8hf.. (l), k+16+8hf.. (h)
                     __m256 l, h;
@@ -82,18 +96,35 @@ static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z
                     }
                 }
             }
-        } else {
-            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+            __m256 s = _mm256_set1_ps(sc[g]);
+            for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
+        }
+    } else {
+        Q4Groups grp(gs);
+        for (int64_t k = 0; k < K32; k += 32) {  // low half: codes k..k+15; high: k+16..k+31
+            const __m256 sl = _mm256_set1_ps(sc[grp.next()]), sh = _mm256_set1_ps(sc[grp.next()]);
+            __m256 pa[MT], pb[MT];
+            for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
+            for (int hf = 0; hf < 2; ++hf) {
                 __m256 l, h;
-                q4_load16(r, k, K32, l, h);
+                q4_unpack8(r + k / 2 + 8 * hf, l, h);
                 for (int t = 0; t < MT; ++t) {
-                    pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k), pa[t]);
-                    pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 8), pb[t]);
+                    pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k + 8 * hf), pa[t]);
+                    pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 16 + 8 * hf), pb[t]);
                 }
             }
+            for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(sh, pb[t], _mm256_fmadd_ps(sl, pa[t], tot[t]));
         }
-        __m256 s = _mm256_set1_ps(sc[g]);
-        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
+        if (K32 < K) {  // the half block: codes K32..K32+7 (l), K32+8..K32+15 (h)
+            const __m256 s = _mm256_set1_ps(sc[G - 1]);
+            __m256 l, h;
+            q4_unpack8(r + K32 / 2, l, h);
+            for (int t = 0; t < MT; ++t) {
+                __m256 p = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + K32 + 8),
+                                           _mm256_mul_ps(l, _mm256_loadu_ps(x + t * K + K32)));
+                tot[t] = _mm256_fmadd_ps(s, p, tot[t]);
+            }
+        }
     }
     float szo[G];  // scale * zero-offset per group, shared by the MT tokens
     for (int64_t g = 0; g < G; ++g) szo[g] = sc[g] * (float)z[g];
@@ -188,11 +219,11 @@ static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, co
         // fma latency chain across short groups.
         __m256 tA0 = _mm256_setzero_ps(), tB0 = _mm256_setzero_ps();
         __m256 tA1 = _mm256_setzero_ps(), tB1 = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = 0; FULL && g < G; ++g) {
             __m256 p0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
             __m256 p1 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
             const int64_t kb = g * gs;
-            if (FULL) {
+            {
                 for (int64_t k = 0; k < gs; k += 32) {  // one Q4 block: codes kb+k .. kb+k+31
                     const float* xp = x + kb + k;
                     const uint8_t* b0 = r0 + (kb + k) / 2;
@@ -209,15 +240,6 @@ static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, co
                     q4_unpack8(b1 + 8, l, h);
                     p1 = _mm256_fmadd_ps(l, x1, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
                 }
-            } else {
-                for (int64_t k = kb; k < kb + gs; k += 16) {
-                    __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-                    __m256 l, h;
-                    q4_load16(r0, k, K32, l, h);
-                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x1, q0);
-                    q4_load16(r1, k, K32, l, h);
-                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x1, q1);
-                }
             }
             if (g & 1) {
                 tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tB0);
@@ -225,6 +247,36 @@ static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, co
             } else {
                 tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tA0);
                 tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tA1);
+            }
+        }
+        if (!FULL) {  // gs % 32 == 16: block by block, each half scaled by its own group
+            Q4Groups grp(gs);
+            for (int64_t k = 0; k < K32; k += 32) {
+                const int64_t gl = grp.next(), gh = grp.next();
+                const float* xp = x + k;
+                __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+                __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
+                __m256 l, h, p0, q0, p1, q1;
+                q4_unpack8(r0 + k / 2, l, h);
+                p0 = _mm256_mul_ps(l, x0); q0 = _mm256_mul_ps(h, x2);
+                q4_unpack8(r1 + k / 2, l, h);
+                p1 = _mm256_mul_ps(l, x0); q1 = _mm256_mul_ps(h, x2);
+                q4_unpack8(r0 + k / 2 + 8, l, h);
+                p0 = _mm256_fmadd_ps(l, x1, p0); q0 = _mm256_fmadd_ps(h, x3, q0);
+                q4_unpack8(r1 + k / 2 + 8, l, h);
+                p1 = _mm256_fmadd_ps(l, x1, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
+                tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[gl]), p0, tA0);
+                tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[gh]), q0, tB0);
+                tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[gl]), p1, tA1);
+                tB1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[gh]), q1, tB1);
+            }
+            if (K32 < K) {  // the half block: codes K32..K32+7 (l), K32+8..K32+15 (h)
+                __m256 x0 = _mm256_loadu_ps(x + K32), x1 = _mm256_loadu_ps(x + K32 + 8);
+                __m256 l, h;
+                q4_unpack8(r0 + K32 / 2, l, h);
+                tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[G - 1]), _mm256_fmadd_ps(h, x1, _mm256_mul_ps(l, x0)), tA0);
+                q4_unpack8(r1 + K32 / 2, l, h);
+                tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[G - 1]), _mm256_fmadd_ps(h, x1, _mm256_mul_ps(l, x0)), tA1);
             }
         }
         // Zero-point term sum_g scale*zo*xsum_g, vectorised over groups.
@@ -299,31 +351,32 @@ void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, cons
 void sf_w4_dequant(const uint8_t* pk, const float* scale, const uint8_t* zo, float* out,
                    int64_t N, int64_t K, int64_t gs, int nt) {
     const int64_t G = K / gs, K32 = K & ~(int64_t)31;
-    const bool full = gs % 32 == 0;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* r = pk + n * (K / 2);
+        const float* sc = scale + n * G;
+        const uint8_t* z = zo + n * G;
         float* w = out + n * K;
-        for (int64_t g = 0; g < G; ++g) {
-            __m256 s = _mm256_set1_ps(scale[n * G + g]);
-            __m256 zz = _mm256_set1_ps((float)zo[n * G + g]);
-            if (full) {
-                for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-                    for (int hf = 0; hf < 2; ++hf) {
-                        __m256 l, h;
-                        q4_unpack8(r + k / 2 + 8 * hf, l, h);
-                        _mm256_storeu_ps(w + k + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
-                        _mm256_storeu_ps(w + k + 16 + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
-                    }
-                }
-            } else {
-                for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-                    __m256 l, h;
-                    q4_load16(r, k, K32, l, h);
-                    _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
-                    _mm256_storeu_ps(w + k + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
-                }
+        // each 16-code half block has one group (gs % 16 == 0): per block, the low
+        // half's group then the high half's
+        Q4Groups grp(gs);
+        for (int64_t k = 0; k < K32; k += 32) {
+            const int64_t gl = grp.next(), gh = grp.next();
+            const __m256 sl = _mm256_set1_ps(sc[gl]), zl = _mm256_set1_ps((float)z[gl]);
+            const __m256 sh = _mm256_set1_ps(sc[gh]), zh = _mm256_set1_ps((float)z[gh]);
+            for (int hf = 0; hf < 2; ++hf) {
+                __m256 l, h;
+                q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                _mm256_storeu_ps(w + k + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(l, zl), sl));
+                _mm256_storeu_ps(w + k + 16 + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(h, zh), sh));
             }
+        }
+        if (K32 < K) {  // the half block
+            const __m256 s = _mm256_set1_ps(sc[G - 1]), zz = _mm256_set1_ps((float)z[G - 1]);
+            __m256 l, h;
+            q4_unpack8(r + K32 / 2, l, h);
+            _mm256_storeu_ps(w + K32, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+            _mm256_storeu_ps(w + K32 + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
         }
     }
 }

@@ -79,23 +79,9 @@ static inline __m256i q4_codes32(const uint8_t* p) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-// Codes k..k+7 (lo) and k+8..k+15 (hi) of row r, any k % 16 == 0, for group sizes that
-// are multiples of 16 but not of 32. K32 = K rounded down to 32: a row of K % 32 == 16
-// codes ends in a half block of 16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4 (the
-// same rule with blocks of 16; only kernels.prepare_int4 builds such rows, from codes).
-static inline void q4_load16(const uint8_t* r, int64_t k, int64_t K32, __m256& lo, __m256& hi) {
-    if (k >= K32) {
-        q4_unpack8(r + k / 2, lo, hi);
-        return;
-    }
-    const uint8_t* p = r + (k >> 5) * 16;
-    const __m128i sh = _mm_cvtsi32_si128((k & 16) ? 4 : 0);
-    const __m256i m4 = _mm256_set1_epi32(0xF);
-    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(a, sh), m4));
-    hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, sh), m4));
-}
+// A row of K % 32 == 16 codes (only kernels.prepare_int4 builds one, from codes) ends in
+// a half block: 16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4, which q4_unpack8 reads
+// as codes 0..7 (lo) and 8..15 (hi).
 
 // Exact int32 dot of int8 a (any value) and int8 b (in -127..127):
 // maddubs(|a|, sign(b, a)) pairs fit int16 (128*127*2 < 32767).
