@@ -219,11 +219,11 @@ static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, co
         // fma latency chain across short groups.
         __m256 tA0 = _mm256_setzero_ps(), tB0 = _mm256_setzero_ps();
         __m256 tA1 = _mm256_setzero_ps(), tB1 = _mm256_setzero_ps();
-        for (int64_t g = 0; FULL && g < G; ++g) {
-            __m256 p0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
-            __m256 p1 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
-            const int64_t kb = g * gs;
-            {
+        if (FULL) {  // gs % 32 == 0: a group is whole Q4 blocks
+            for (int64_t g = 0; g < G; ++g) {
+                __m256 p0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
+                __m256 p1 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+                const int64_t kb = g * gs;
                 for (int64_t k = 0; k < gs; k += 32) {  // one Q4 block: codes kb+k .. kb+k+31
                     const float* xp = x + kb + k;
                     const uint8_t* b0 = r0 + (kb + k) / 2;
@@ -240,16 +240,15 @@ static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, co
                     q4_unpack8(b1 + 8, l, h);
                     p1 = _mm256_fmadd_ps(l, x1, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
                 }
+                if (g & 1) {
+                    tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tB0);
+                    tB1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tB1);
+                } else {
+                    tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tA0);
+                    tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tA1);
+                }
             }
-            if (g & 1) {
-                tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tB0);
-                tB1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tB1);
-            } else {
-                tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tA0);
-                tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tA1);
-            }
-        }
-        if (!FULL) {  // gs % 32 == 16: block by block, each half scaled by its own group
+        } else {  // gs % 32 == 16: block by block, each half scaled by its own group
             Q4Groups grp(gs);
             for (int64_t k = 0; k < K32; k += 32) {
                 const int64_t gl = grp.next(), gh = grp.next();
