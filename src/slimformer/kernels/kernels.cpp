@@ -356,7 +356,21 @@ void sf_w4_dequant(const uint8_t* pk, const float* scale, const uint8_t* zo, flo
         const float* sc = scale + n * G;
         const uint8_t* z = zo + n * G;
         float* w = out + n * K;
-        // each 16-code half block has one group (gs % 16 == 0): per block, the low
+        if (gs % 32 == 0) {  // a group is whole Q4 blocks: its scale and zero set once
+            for (int64_t g = 0; g < G; ++g) {
+                const __m256 s = _mm256_set1_ps(sc[g]), zz = _mm256_set1_ps((float)z[g]);
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                    for (int hf = 0; hf < 2; ++hf) {
+                        __m256 l, h;
+                        q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                        _mm256_storeu_ps(w + k + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+                        _mm256_storeu_ps(w + k + 16 + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
+                    }
+                }
+            }
+            continue;
+        }
+        // gs % 32 == 16: each 16-code half block has one group; per block, the low
         // half's group then the high half's
         Q4Groups grp(gs);
         for (int64_t k = 0; k < K32; k += 32) {
