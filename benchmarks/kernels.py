@@ -71,10 +71,10 @@ try:
             tot = np.float32(0.0)
             for g in range(n_g):
                 acc = np.float32(0.0)
-                for b in range(g * gs // 16, (g + 1) * gs // 16):
-                    for j in range(8):
-                        v = pk[n, b * 8 + j]
-                        acc += np.float32(v & 15) * x[b * 16 + j] + np.float32(v >> 4) * x[b * 16 + 8 + j]
+                for b in range(g * gs // 32, (g + 1) * gs // 32):  # the Q4 layout: 32 codes in 16 bytes
+                    for j in range(16):
+                        v = pk[n, b * 16 + j]
+                        acc += np.float32(v & 15) * x[b * 32 + j] + np.float32(v >> 4) * x[b * 32 + 16 + j]
                 tot += scale[n, g] * (acc - np.float32(zo[n, g]) * xg[g])
             y[n] = tot
 except ImportError:  # numba is optional: only this comparison needs it

@@ -79,6 +79,7 @@ def test_int8_lower_bits_and_tiling():
 INT4_CASES = [  # (n, k, group)
     (576, 576, 32), (576, 576, 64), (192, 768, 128), (576, 576, None),
     (192, 576, 32), (576, 1536, 128), (7, 96, 32), (1, 64, 64), (3, 48, 16), (5, 160, None),
+    (5, 192, 48), (4, 144, 48), (9, 112, 16),  # groups of 16 mod 32; rows of K % 32 == 16 (a half block)
 ]
 
 
@@ -258,3 +259,36 @@ def test_w8a8_nan_token_gives_nan_row_like_reference():
     ref = R.w8a8_linear(x, codes, scale, zero)
     assert torch.isnan(ref[1]).all() and torch.isnan(y[1]).all()
     torch.testing.assert_close(y[[0, 2]], ref[[0, 2]])
+
+
+@pytest.mark.parametrize("n,k,group", [(576, 576, 32), (192, 768, 128), (7, 96, None), (3, 64, 16), (5, 160, 32)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_prepare_int4_q4_takes_the_stored_bytes(n, k, group, symmetric, isa):
+    from slimformer.formats.matrix import pack_nibbles
+
+    codes, scale, zero = quant(n, k, 4, symmetric, group)
+    stored = pack_nibbles(codes)
+    packed = K.prepare_int4_q4(stored, scale, zero, group, symmetric, 4, n, k)
+    assert packed.fast and packed.packed.data_ptr() == stored.data_ptr()
+    assert torch.equal(K.prepare_int4(codes, scale, zero, group, symmetric).packed, stored)  # one layout
+    assert torch.equal(packed.codes(), codes)
+    for m in (1, 5, 20):
+        x = torch.randn(m, k)
+        ref = R.int4_linear(x, codes, scale, zero, group, symmetric)
+        assert rel_err(K.int4_linear(x, packed), ref) <= RTOL
+
+
+def test_prepare_int4_q4_checks_and_falls_back():
+    from slimformer.formats.matrix import pack_nibbles
+
+    codes, scale, zero = quant(8, 96, 4, False, 24)
+    stored = pack_nibbles(codes)
+    with pytest.raises(ValueError, match="Q4 layout"):
+        K.prepare_int4_q4(stored, scale, zero, 24, False, 4, 8, 64)
+    with pytest.raises(ValueError, match="exceed"):
+        K.prepare_int4_q4(stored, scale, zero, 24, False, 2, 8, 96)
+    with pytest.warns(RuntimeWarning, match=r"\(8, 96\)"):
+        packed = K.prepare_int4_q4(stored, scale, zero, 24, False, 4, 8, 96)
+    assert not packed.fast
+    x = torch.randn(3, 96)
+    assert rel_err(K.int4_linear(x, packed), R.int4_linear(x, codes, scale, zero, 24, False)) <= 1e-6

@@ -63,3 +63,52 @@ def test_forward_runs_the_fast_kernel_and_repacks_after_new_weights(spec, kernel
     other = QuantLinear.from_float(torch.randn(16, 64), None, spec)
     q.load_state_dict(other.state_dict())
     torch.testing.assert_close(q(x), other.forward_reference(x), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- int2-4 on the kernels
+# The int4 kernels read the Q4 layout QuantLinear stores (formats.matrix.pack_nibbles):
+# a 4-bit qweight of rows a multiple of 32 is handed over as it is, never repacked.
+_Q4_SPECS = [WeightSpec(4, sym, "group", g) for sym in (True, False) for g in (16, 32, 64, 128)] + \
+            [WeightSpec(4, sym, "channel") for sym in (True, False)]
+
+
+def _close(y, ref):
+    torch.testing.assert_close(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", _Q4_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("m", [1, 3, 17])   # matvec, fused small-M, dequantise + GEMM
+def test_int4_kernel_reads_the_stored_q4_bytes_in_place(spec, m, isa):
+    from slimformer import kernels
+
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(40, 256, generator=g) * 0.05, torch.randn(40, generator=g)
+    q = QuantLinear.from_float(w, b, spec)
+    assert q.nibble_layout and q.qweight.shape == (40, 128)
+    x = torch.randn(2, m, 256, generator=g)
+    y = q(x)
+    kernel, packed = q._runtime
+    assert kernel is kernels.int4_linear and packed.fast and q.fallback is None
+    assert packed.packed.data_ptr() == q.qweight.data_ptr()   # the stored bytes, not a copy
+    _close(y, q.forward_reference(x))
+
+
+@pytest.mark.parametrize("spec,k", [(WeightSpec(3, False, "group", 32), 256), (WeightSpec(2, True, "group", 64), 256),
+                                    (WeightSpec(3, True, "channel"), 96), (WeightSpec(4, False, "group", 16), 48),
+                                    (WeightSpec(4, True, "channel"), 80)],
+                         ids=lambda v: v.describe() if isinstance(v, WeightSpec) else str(v))
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_bit_stream_codes_run_the_int4_kernel(spec, k, m, isa):
+    """2-3-bit codes and 4-bit rows of K % 32 == 16 are stored as a bit stream: unpacked to
+    the kernels' layout once (K % 32 == 16: the Q4 layout ending in a half block)."""
+    from slimformer import kernels
+
+    g = torch.Generator().manual_seed(3)
+    q = QuantLinear.from_float(torch.randn(24, k, generator=g) * 0.05, None, spec)
+    assert not q.nibble_layout
+    x = torch.randn(m, k, generator=g)
+    y = q(x)
+    kernel, packed = q._runtime
+    assert kernel is kernels.int4_linear and packed.fast and q.fallback is None
+    assert torch.equal(packed.codes(), q.codes())
+    _close(y, q.forward_reference(x))

@@ -13,11 +13,11 @@ so :meth:`dequantize` is bit-identical to the reference dequantisation):
 - ``Q4``   : ``w`` ``[N, K/2]`` uint8, codes 0..15 (2..4 bits wide) in **the** 4-bit
   layout (:func:`pack_nibbles`): every 32 codes of a row in 16 bytes, byte
   ``j = c[j] | c[j + 16] << 4``. It is GGUF's own Q4 block order (GGUF blocks are copied as
-  they are, both ways), the order ``runtime/_decoder.cpp`` reads, and the order
-  ``QuantLinear`` saves its 4-bit codes in (compressed format version 2). The one reader
-  that wants another order is ``kernels/_kernels.cpp``'s ``sf_w4_*`` (16 codes in 8 bytes,
-  byte ``j = c[j] | c[j + 8] << 4``): ``kernels.prepare_int4`` repacks for it once per
-  module, when a QuantLinear first runs on the kernels (see ``nn/quant_linear.py``).
+  they are, both ways), the order ``QuantLinear`` saves its 4-bit codes in (compressed
+  format version 2), and the order every native reader takes as it is: the decoder
+  (``kernels/decoder.cpp``) and QuantLinear's int4 kernels (``kernels/kernels.cpp``
+  ``sf_w4_*``, via ``kernels.prepare_int4_q4``, sharing ``qweight``'s storage). No reader
+  repacks it.
 - ``Q8A8`` : ``w`` ``[N, K]`` int8 per output channel, activations quantised per token to
   int8 at run time: ``w = (q + corr[n]) * scale[n]``.
 - ``Q8A8G``: ``w`` ``[N, K]`` int8 signed, a scale per group (ZeroQuant), activations per

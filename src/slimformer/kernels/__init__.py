@@ -50,7 +50,8 @@ from slimformer.kernels import abi, reference
 from slimformer.kernels import _build
 
 __all__ = [
-    "PackedInt8", "PackedInt4", "PackedInt8Groups", "prepare_int8", "prepare_int4", "prepare_w8a8_groups",
+    "PackedInt8", "PackedInt4", "PackedInt8Groups", "prepare_int8", "prepare_int4", "prepare_int4_q4",
+    "prepare_w8a8_groups",
     "int8_linear", "int4_linear", "w8a8_linear", "w8a8_group_linear", "quantize_tokens_int8",
     "library", "available", "unavailable_reason", "isa", "supported_isas", "set_isa", "cpu_features",
     "set_num_threads", "num_threads", "kernels_available", "reference",
@@ -332,9 +333,11 @@ def _w8a8_fallback(x, packed: PackedInt8, bias) -> torch.Tensor:
 # ---------------------------------------------------------------------- int4
 @dataclass
 class PackedInt4:
-    """Runtime int4 layout: per row, every 16 codes in 8 bytes
-    (``byte j = c[j] | c[j+8] << 4``); ``w = (c - zo) * scale`` per group.
-    ``fast`` is False for shapes the kernel cannot take: then ``packed`` holds the
+    """Runtime int4 layout: the Q4 layout QuantLinear stores and the decoder reads
+    (:func:`slimformer.formats.matrix.pack_nibbles`: per row, every 32 codes in 16 bytes,
+    ``byte j = c[j] | c[j+16] << 4``); a row of ``K % 32 == 16`` codes ends in a half block
+    (16 codes in 8 bytes, ``byte j = c[j] | c[j+8] << 4``). ``w = (c - zo) * scale`` per
+    group. ``fast`` is False for shapes the kernel cannot take: then ``packed`` holds the
     plain codes ``[N, K]`` and the reference path is used."""
 
     packed: torch.Tensor  # [N, K/2] uint8 (or [N, K] codes when not fast)
@@ -353,8 +356,7 @@ class PackedInt4:
     def codes(self) -> torch.Tensor:
         if not self.fast:
             return self.packed
-        b = self.packed.reshape(self.N, self.K // 16, 8)
-        return torch.cat([b & 0xF, b >> 4], dim=-1).reshape(self.N, self.K)
+        return _unpack_q4(self.packed, self.N, self.K)
 
     def dequantize(self) -> torch.Tensor:
         c = self.codes().float().reshape(self.N, -1, self.group_size)
@@ -364,19 +366,37 @@ class PackedInt4:
         return self.packed.numel() + self.scale.numel() * 4 + self.zo.numel()
 
 
-def prepare_int4(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
-                 symmetric: bool, bits: int = 4) -> PackedInt4:
-    """Repack stored 4-bit codes (``[N, K]`` uint8 in 0..15 — unpack the stored bytes
-    first), scale ``[N, G]``, integer zero ``[N, G]`` (asymmetric) or None;
-    ``group_size`` None or K means per-channel. ``bits`` 2 or 3 also work (codes
-    are < 16; symmetric offset ``2^(bits-1)``) at 4-bit speed."""
-    if codes_u8.dim() != 2:
-        raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+def _pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes 0..15 (``K % 16 == 0``) -> ``[N, K/2]`` bytes in the Q4 layout, a
+    trailing half block when ``K % 32 == 16``."""
+    N, K = codes.shape
+    K32 = K - K % 32
+    c = codes.to(torch.uint8)
+    full = c[:, :K32].reshape(N, K32 // 32, 2, 16)
+    parts = [(full[:, :, 0, :] | (full[:, :, 1, :] << 4)).reshape(N, K32 // 2)]
+    if K32 < K:
+        tail = c[:, K32:].reshape(N, 2, 8)
+        parts.append(tail[:, 0, :] | (tail[:, 1, :] << 4))
+    return torch.cat(parts, dim=1).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+
+def _unpack_q4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_q4`: ``[N, K]`` uint8 codes."""
+    K32 = K - K % 32
+    b = packed.reshape(N, K // 2)
+    full = b[:, :K32 // 2].reshape(N, K32 // 32, 16)
+    parts = [torch.cat([full & 0xF, full >> 4], dim=-1).reshape(N, K32)]
+    if K32 < K:
+        tail = b[:, K32 // 2:]
+        parts.append(torch.cat([tail & 0xF, tail >> 4], dim=-1))
+    return torch.cat(parts, dim=1)
+
+
+def _int4_params(N: int, K: int, scale, zero, group_size, symmetric: bool, bits: int):
+    """Group size, ``[N, G]`` float32 scales, ``[N, G]`` float zo = zero + offset, and why
+    the kernel cannot take this format (None: it can)."""
     if not 2 <= bits <= 4:
         raise ValueError(f"prepare_int4 takes 2- to 4-bit codes, got bits={bits}")
-    if codes_u8.numel() and int(codes_u8.max()) >= 2**bits:
-        raise ValueError(f"codes exceed {2**bits - 1}: are they {bits}-bit and unpacked?")
-    N, K = codes_u8.shape
     gs = K if group_size is None else int(group_size)
     if K % gs:
         raise ValueError(f"group_size {gs} does not divide {K} input columns")
@@ -391,12 +411,50 @@ def prepare_int4(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         why = f"K={K} and group size {gs} must be multiples of 16"
     elif not ok_zero:
         why = "zero-points are not integers in 0..255"
+    return gs, scale, zo_f, why
+
+
+def prepare_int4(codes_u8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+                 symmetric: bool, bits: int = 4) -> PackedInt4:
+    """Pack 2- to 4-bit codes (``[N, K]`` uint8 in 0..15, unpacked) into the kernels'
+    layout (the Q4 layout), with scale ``[N, G]``, integer zero ``[N, G]`` (asymmetric) or
+    None; ``group_size`` None or K means per-channel. ``bits`` 2 or 3 also work (codes
+    are < 16; symmetric offset ``2^(bits-1)``) at 4-bit speed. Bytes already in the Q4
+    layout (QuantLinear's ``qweight``) go through :func:`prepare_int4_q4` instead, as they are."""
+    if codes_u8.dim() != 2:
+        raise ValueError(f"codes must be [out, in], got {tuple(codes_u8.shape)}")
+    if not 2 <= bits <= 4:
+        raise ValueError(f"prepare_int4 takes 2- to 4-bit codes, got bits={bits}")
+    if codes_u8.numel() and int(codes_u8.max()) >= 2**bits:
+        raise ValueError(f"codes exceed {2**bits - 1}: are they {bits}-bit and unpacked?")
+    N, K = codes_u8.shape
+    gs, scale, zo_f, why = _int4_params(N, K, scale, zero, group_size, symmetric, bits)
     if why is not None:
         _warn_fallback("int4", (N, K), why)
         return PackedInt4(codes_u8.contiguous(), scale, zo_f.contiguous(), gs, symmetric, N, K, fast=False)
-    c = codes_u8.to(torch.uint8).reshape(N, K // 16, 2, 8)
-    packed = (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(N, K // 2).contiguous()
-    return PackedInt4(packed, scale, zo_f.to(torch.uint8).contiguous(), gs, symmetric, N, K)
+    return PackedInt4(_pack_q4(codes_u8), scale, zo_f.to(torch.uint8).contiguous(), gs, symmetric, N, K)
+
+
+def prepare_int4_q4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+                    symmetric: bool, bits: int, N: int, K: int) -> PackedInt4:
+    """Take codes stored in the Q4 layout (``[N, K/2]`` uint8, ``K % 32 == 0``:
+    :func:`slimformer.formats.matrix.pack_nibbles`, QuantLinear's ``qweight``) as they
+    are: the kernels read these very bytes (``packed`` is ``qweight`` itself when it is
+    contiguous uint8; nothing is unpacked or repacked). Other arguments as
+    :func:`prepare_int4`; shapes the kernel cannot take fall back to the reference path
+    (with a warning), on codes unpacked once."""
+    if K % 32 or tuple(qweight.shape) != (N, K // 2) or qweight.dtype != torch.uint8:
+        raise ValueError(f"the Q4 layout of [{N}, {K}] codes is [{N}, {K // 2}] uint8 with K % 32 == 0, "
+                         f"got {tuple(qweight.shape)} {qweight.dtype}")
+    gs, scale, zo_f, why = _int4_params(N, K, scale, zero, group_size, symmetric, bits)
+    if bits < 4 and qweight.numel():
+        top = max(int((qweight & 0xF).max()), int((qweight >> 4).max()))
+        if top >= 2**bits:
+            raise ValueError(f"codes exceed {2**bits - 1}: are they {bits}-bit?")
+    if why is not None:
+        _warn_fallback("int4", (N, K), why)
+        return PackedInt4(_unpack_q4(qweight, N, K), scale, zo_f.contiguous(), gs, symmetric, N, K, fast=False)
+    return PackedInt4(qweight.contiguous(), scale, zo_f.to(torch.uint8).contiguous(), gs, symmetric, N, K)
 
 
 def int4_linear(x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:

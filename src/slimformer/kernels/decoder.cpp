@@ -140,7 +140,6 @@ static inline void row_q8(const int8_t* r, Scales sc, int K, int gs, const float
 
 template <int MT>
 static inline void row_q4(const uint8_t* r, Scales sc, int K, int gs, const float* x, float* out) {
-    const __m256i m4 = _mm256_set1_epi32(0xF);
     __m256 tot[MT];
     for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
     for (int g = 0; g < K / gs; ++g) {
@@ -148,9 +147,8 @@ static inline void row_q4(const uint8_t* r, Scales sc, int K, int gs, const floa
         for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
         for (int k = g * gs; k < (g + 1) * gs; k += 32) {
             for (int half = 0; half < 2; ++half) {   // bytes 8h..8h+7: codes 8h.. (low), 16+8h.. (high)
-                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r + k / 2 + 8 * half)));
-                __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
-                __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                __m256 lo, hi;
+                q4_unpack8(r + k / 2 + 8 * half, lo, hi);
                 for (int t = 0; t < MT; ++t) {
                     a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k + 8 * half), a[t]);
                     b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 16 + 8 * half), b[t]);
@@ -164,11 +162,7 @@ static inline void row_q4(const uint8_t* r, Scales sc, int K, int gs, const floa
 }
 
 // --- int8-activation rows (act8): x as int8 blocks of 32 with scales dx[K/32].
-static inline __m256i q4_codes32(const uint8_t* p) {   // 16 bytes -> 32 codes in order
-    __m128i v = _mm_loadu_si128((const __m128i*)p);
-    const __m128i m = _mm_set1_epi8(0xF);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-}
+// q4_codes32 (simd.h): 16 bytes -> 32 codes in order
 
 template <int MT>
 static inline void row_q4_a8(const uint8_t* r, Scales sc, int K, int gs, const int8_t* qx, const float* dx,

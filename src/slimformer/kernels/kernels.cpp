@@ -8,9 +8,13 @@
 // Layouts (built by prepare_* in __init__.py):
 //   int8 : q [N,K] int8 = code - 128;  w = (q + corr[n]) * scale[n]
 //          (corr = 128 - offset - zero, an integer: exact).
-//   int4 : packed [N, K/2] uint8; every 16 codes of a row live in 8 bytes:
-//          byte j = code[j] | code[j+8] << 4.  w = (code - zo[n,g]) * scale[n,g]
-//          with zo = offset + zero (uint8), groups of `gs` columns (gs % 16 == 0).
+//   int4 : packed [N, K/2] uint8 in the Q4 layout (formats/matrix.py pack_nibbles, what
+//          QuantLinear stores and decoder.cpp reads): every 32 codes of a row in 16 bytes,
+//          byte j = code[j] | code[j+16] << 4.  w = (code - zo[n,g]) * scale[n,g]
+//          with zo = offset + zero (uint8), groups of `gs` columns. gs % 32 == 0 is the
+//          fast path (a group is whole blocks); gs % 32 == 16 goes block by block, each
+//          16-code half scaled by its own group (Q4Groups), and a row of K % 32 == 16 ends
+//          in a half block (16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4).
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
@@ -30,11 +34,18 @@ SF_ISA_KERNELS(SF_DECLARE_ISA_COPY)
 // Below this many weights a matvec runs on one thread (fork/join costs more).
 #define SMALL_WORK (64 * 1024)
 
-static inline void unpack16(const uint8_t* p, __m256& lo, __m256& hi) {
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-}
+// Group of each 16-code half block in turn (gs % 16 == 0: a half never straddles two
+// groups), without a division per block.
+struct Q4Groups {
+    int64_t g = 0, left;
+    explicit Q4Groups(int64_t gs) : left(gs), gs_(gs) {}
+    int64_t next() {
+        const int64_t cur = g;
+        if ((left -= 16) == 0) { ++g; left = gs_; }
+        return cur;
+    }
+    int64_t gs_;
+};
 
 // Small-M fused kernels: one weight row, MT (<= 4) tokens per pass, so each weight
 // is converted once and used for MT tokens (x rows stay in L1).
@@ -63,26 +74,57 @@ static inline void w8_row_mt(const int8_t* r, float sc, float cr, const float* x
     }
 }
 
-template <int MT>
+// FULL: gs % 32 == 0, groups of whole Q4 blocks; else block by block (Q4Groups).
+template <int MT, bool FULL>
 static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z, const float* x,
                              const float* xg, const float* bias, float* y, int64_t N, int64_t K,
                              int64_t gs, int64_t n) {
-    const int64_t G = K / gs;
+    const int64_t G = K / gs, K32 = K & ~(int64_t)31;
     __m256 tot[MT];
     for (int t = 0; t < MT; ++t) tot[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-        __m256 pa[MT], pb[MT];
-        for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+    if (FULL) {
+        for (int64_t g = 0; g < G; ++g) {
+            __m256 pa[MT], pb[MT];
+            for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                for (int hf = 0; hf < 2; ++hf) {  // bytes 8hf..: codes k+8hf.. (l), k+16+8hf.. (h)
+                    __m256 l, h;
+                    q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                    for (int t = 0; t < MT; ++t) {
+                        pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k + 8 * hf), pa[t]);
+                        pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 16 + 8 * hf), pb[t]);
+                    }
+                }
+            }
+            __m256 s = _mm256_set1_ps(sc[g]);
+            for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
+        }
+    } else {
+        Q4Groups grp(gs);
+        for (int64_t k = 0; k < K32; k += 32) {  // low half: codes k..k+15; high: k+16..k+31
+            const __m256 sl = _mm256_set1_ps(sc[grp.next()]), sh = _mm256_set1_ps(sc[grp.next()]);
+            __m256 pa[MT], pb[MT];
+            for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
+            for (int hf = 0; hf < 2; ++hf) {
+                __m256 l, h;
+                q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                for (int t = 0; t < MT; ++t) {
+                    pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k + 8 * hf), pa[t]);
+                    pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 16 + 8 * hf), pb[t]);
+                }
+            }
+            for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(sh, pb[t], _mm256_fmadd_ps(sl, pa[t], tot[t]));
+        }
+        if (K32 < K) {  // the half block: codes K32..K32+7 (l), K32+8..K32+15 (h)
+            const __m256 s = _mm256_set1_ps(sc[G - 1]);
             __m256 l, h;
-            unpack16(r + k / 2, l, h);
+            q4_unpack8(r + K32 / 2, l, h);
             for (int t = 0; t < MT; ++t) {
-                pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k), pa[t]);
-                pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 8), pb[t]);
+                __m256 p = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + K32 + 8),
+                                           _mm256_mul_ps(l, _mm256_loadu_ps(x + t * K + K32)));
+                tot[t] = _mm256_fmadd_ps(s, p, tot[t]);
             }
         }
-        __m256 s = _mm256_set1_ps(sc[g]);
-        for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
     }
     float szo[G];  // scale * zero-offset per group, shared by the MT tokens
     for (int64_t g = 0; g < G; ++g) szo[g] = sc[g] * (float)z[g];
@@ -157,53 +199,46 @@ void sf_w8_dequant(const int8_t* q, const float* scale, const float* corr, float
 
 // ---------------------------------------------------------------- int4 weight-only
 
-// y[m,n] = sum_g scale[n,g] * (dot_g(code, x) - zo[n,g] * xsum_g) + bias[n]
-void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
-                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
-    const int64_t G = K / gs;
-    if (M == 1) {
-        float* xg = (float*)malloc(sizeof(float) * G);
-        for (int64_t g = 0; g < G; ++g) xg[g] = sum_f32(x + g * gs, gs);
-        const int64_t NP = (N + 1) / 2;
-        if (N * K < SMALL_WORK) nt = 1;
+// One token (M == 1), two rows per pass sharing the x loads.
+template <bool FULL>
+static void w4_gemv(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
+                    const float* bias, float* y, int64_t N, int64_t K, int64_t gs, int nt) {
+    const int64_t G = K / gs, K32 = K & ~(int64_t)31;
+    float* xg = (float*)malloc(sizeof(float) * G);
+    for (int64_t g = 0; g < G; ++g) xg[g] = sum_f32(x + g * gs, gs);
+    const int64_t NP = (N + 1) / 2;
+    if (N * K < SMALL_WORK) nt = 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t np = 0; np < NP; ++np) {
-            const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
-            const uint8_t* r0 = pk + n0 * (K / 2);
-            const uint8_t* r1 = pk + n1 * (K / 2);
-            const float* sc0 = scale + n0 * G;
-            const float* sc1 = scale + n1 * G;
-            // Two independent running totals per row (even/odd groups) break the
-            // fma latency chain across short groups.
-            __m256 tA0 = _mm256_setzero_ps(), tB0 = _mm256_setzero_ps();
-            __m256 tA1 = _mm256_setzero_ps(), tB1 = _mm256_setzero_ps();
+    for (int64_t np = 0; np < NP; ++np) {
+        const int64_t n0 = 2 * np, n1 = n0 + 1 < N ? n0 + 1 : n0;
+        const uint8_t* r0 = pk + n0 * (K / 2);
+        const uint8_t* r1 = pk + n1 * (K / 2);
+        const float* sc0 = scale + n0 * G;
+        const float* sc1 = scale + n1 * G;
+        // Two independent running totals per row (even/odd groups) break the
+        // fma latency chain across short groups.
+        __m256 tA0 = _mm256_setzero_ps(), tB0 = _mm256_setzero_ps();
+        __m256 tA1 = _mm256_setzero_ps(), tB1 = _mm256_setzero_ps();
+        if (FULL) {  // gs % 32 == 0: a group is whole Q4 blocks
             for (int64_t g = 0; g < G; ++g) {
                 __m256 p0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
                 __m256 p1 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
                 const int64_t kb = g * gs;
-                int64_t k = 0;
-                for (; k + 32 <= gs; k += 32) {
+                for (int64_t k = 0; k < gs; k += 32) {  // one Q4 block: codes kb+k .. kb+k+31
                     const float* xp = x + kb + k;
+                    const uint8_t* b0 = r0 + (kb + k) / 2;
+                    const uint8_t* b1 = r1 + (kb + k) / 2;
                     __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
                     __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
                     __m256 l, h;
-                    unpack16(r0 + (kb + k) / 2, l, h);
-                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x1, q0);
-                    unpack16(r1 + (kb + k) / 2, l, h);
-                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x1, q1);
-                    unpack16(r0 + (kb + k) / 2 + 8, l, h);
-                    p0 = _mm256_fmadd_ps(l, x2, p0); q0 = _mm256_fmadd_ps(h, x3, q0);
-                    unpack16(r1 + (kb + k) / 2 + 8, l, h);
-                    p1 = _mm256_fmadd_ps(l, x2, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
-                }
-                if (k < gs) {  // gs % 32 == 16
-                    const float* xp = x + kb + k;
-                    __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
-                    __m256 l, h;
-                    unpack16(r0 + (kb + k) / 2, l, h);
-                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x1, q0);
-                    unpack16(r1 + (kb + k) / 2, l, h);
-                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x1, q1);
+                    q4_unpack8(b0, l, h);  // codes 0..7, 16..23
+                    p0 = _mm256_fmadd_ps(l, x0, p0); q0 = _mm256_fmadd_ps(h, x2, q0);
+                    q4_unpack8(b1, l, h);
+                    p1 = _mm256_fmadd_ps(l, x0, p1); q1 = _mm256_fmadd_ps(h, x2, q1);
+                    q4_unpack8(b0 + 8, l, h);  // codes 8..15, 24..31
+                    p0 = _mm256_fmadd_ps(l, x1, p0); q0 = _mm256_fmadd_ps(h, x3, q0);
+                    q4_unpack8(b1 + 8, l, h);
+                    p1 = _mm256_fmadd_ps(l, x1, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
                 }
                 if (g & 1) {
                     tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[g]), _mm256_add_ps(p0, q0), tB0);
@@ -213,71 +248,148 @@ void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, cons
                     tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[g]), _mm256_add_ps(p1, q1), tA1);
                 }
             }
-            // Zero-point term sum_g scale*zo*xsum_g, vectorised over groups.
-            float zs[2];
-            for (int rr = 0; rr < 2; ++rr) {
-                const int64_t n = rr ? n1 : n0;
-                const float* sc = scale + n * G;
-                const uint8_t* z = zo + n * G;
-                __m256 acc = _mm256_setzero_ps();
-                int64_t g = 0;
-                for (; g + 8 <= G; g += 8) {
-                    __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + g))));
-                    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), zf), _mm256_loadu_ps(xg + g), acc);
-                }
-                float t = hsum8(acc);
-                for (; g < G; ++g) t += sc[g] * (float)z[g] * xg[g];
-                zs[rr] = t;
+        } else {  // gs % 32 == 16: block by block, each half scaled by its own group
+            Q4Groups grp(gs);
+            for (int64_t k = 0; k < K32; k += 32) {
+                const int64_t gl = grp.next(), gh = grp.next();
+                const float* xp = x + k;
+                __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
+                __m256 x2 = _mm256_loadu_ps(xp + 16), x3 = _mm256_loadu_ps(xp + 24);
+                __m256 l, h, p0, q0, p1, q1;
+                q4_unpack8(r0 + k / 2, l, h);
+                p0 = _mm256_mul_ps(l, x0); q0 = _mm256_mul_ps(h, x2);
+                q4_unpack8(r1 + k / 2, l, h);
+                p1 = _mm256_mul_ps(l, x0); q1 = _mm256_mul_ps(h, x2);
+                q4_unpack8(r0 + k / 2 + 8, l, h);
+                p0 = _mm256_fmadd_ps(l, x1, p0); q0 = _mm256_fmadd_ps(h, x3, q0);
+                q4_unpack8(r1 + k / 2 + 8, l, h);
+                p1 = _mm256_fmadd_ps(l, x1, p1); q1 = _mm256_fmadd_ps(h, x3, q1);
+                tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[gl]), p0, tA0);
+                tB0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[gh]), q0, tB0);
+                tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[gl]), p1, tA1);
+                tB1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[gh]), q1, tB1);
             }
-            float v0 = hsum8(_mm256_add_ps(tA0, tB0)) - zs[0];
-            y[n0] = bias ? v0 + bias[n0] : v0;
-            if (n1 != n0) {
-                float v1 = hsum8(_mm256_add_ps(tA1, tB1)) - zs[1];
-                y[n1] = bias ? v1 + bias[n1] : v1;
+            if (K32 < K) {  // the half block: codes K32..K32+7 (l), K32+8..K32+15 (h)
+                __m256 x0 = _mm256_loadu_ps(x + K32), x1 = _mm256_loadu_ps(x + K32 + 8);
+                __m256 l, h;
+                q4_unpack8(r0 + K32 / 2, l, h);
+                tA0 = _mm256_fmadd_ps(_mm256_set1_ps(sc0[G - 1]), _mm256_fmadd_ps(h, x1, _mm256_mul_ps(l, x0)), tA0);
+                q4_unpack8(r1 + K32 / 2, l, h);
+                tA1 = _mm256_fmadd_ps(_mm256_set1_ps(sc1[G - 1]), _mm256_fmadd_ps(h, x1, _mm256_mul_ps(l, x0)), tA1);
             }
         }
-        free(xg);
-    } else {
-        float* xg = (float*)malloc(sizeof(float) * G * M);
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t g = 0; g < G; ++g) xg[m * G + g] = sum_f32(x + m * K + g * gs, gs);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
-            const uint8_t* r = pk + n * (K / 2);
+        // Zero-point term sum_g scale*zo*xsum_g, vectorised over groups.
+        float zs[2];
+        for (int rr = 0; rr < 2; ++rr) {
+            const int64_t n = rr ? n1 : n0;
             const float* sc = scale + n * G;
             const uint8_t* z = zo + n * G;
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                const float* xm = x + m0 * K;
-                const float* xgm = xg + m0 * G;
-                float* ym = y + m0 * N;
-                switch (M - m0 >= 4 ? 4 : M - m0) {
-                    case 4: w4_row_mt<4>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
-                    case 3: w4_row_mt<3>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
-                    case 2: w4_row_mt<2>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
-                    default: w4_row_mt<1>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
-                }
+            __m256 acc = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g + 8 <= G; g += 8) {
+                __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + g))));
+                acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), zf), _mm256_loadu_ps(xg + g), acc);
             }
+            float t = hsum8(acc);
+            for (; g < G; ++g) t += sc[g] * (float)z[g] * xg[g];
+            zs[rr] = t;
         }
-        free(xg);
+        float v0 = hsum8(_mm256_add_ps(tA0, tB0)) - zs[0];
+        y[n0] = bias ? v0 + bias[n0] : v0;
+        if (n1 != n0) {
+            float v1 = hsum8(_mm256_add_ps(tA1, tB1)) - zs[1];
+            y[n1] = bias ? v1 + bias[n1] : v1;
+        }
     }
+    free(xg);
 }
 
-void sf_w4_dequant(const uint8_t* pk, const float* scale, const uint8_t* zo, float* out,
-                   int64_t N, int64_t K, int64_t gs, int nt) {
+// Several tokens: each weight row converted once per 4 tokens (w4_row_mt).
+template <bool FULL>
+static void w4_gemm_small(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
+                          const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
     const int64_t G = K / gs;
+    float* xg = (float*)malloc(sizeof(float) * G * M);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) xg[m * G + g] = sum_f32(x + m * K + g * gs, gs);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* r = pk + n * (K / 2);
-        float* w = out + n * K;
-        for (int64_t g = 0; g < G; ++g) {
-            __m256 s = _mm256_set1_ps(scale[n * G + g]);
-            __m256 zz = _mm256_set1_ps((float)zo[n * G + g]);
-            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-                __m256 l, h;
-                unpack16(r + k / 2, l, h);
-                _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
-                _mm256_storeu_ps(w + k + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
+        const float* sc = scale + n * G;
+        const uint8_t* z = zo + n * G;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float* xm = x + m0 * K;
+            const float* xgm = xg + m0 * G;
+            float* ym = y + m0 * N;
+            switch (M - m0 >= 4 ? 4 : M - m0) {
+                case 4: w4_row_mt<4, FULL>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                case 3: w4_row_mt<3, FULL>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                case 2: w4_row_mt<2, FULL>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
+                default: w4_row_mt<1, FULL>(r, sc, z, xm, xgm, bias, ym, N, K, gs, n); break;
             }
+        }
+    }
+    free(xg);
+}
+
+// y[m,n] = sum_g scale[n,g] * (dot_g(code, x) - zo[n,g] * xsum_g) + bias[n]
+// pk: the Q4 layout (see the top of this file); K and gs multiples of 16.
+void sf_w4_linear(const uint8_t* pk, const float* scale, const uint8_t* zo, const float* x,
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int nt) {
+    const bool full = gs % 32 == 0;
+    if (M == 1) {
+        if (full) w4_gemv<true>(pk, scale, zo, x, bias, y, N, K, gs, nt);
+        else w4_gemv<false>(pk, scale, zo, x, bias, y, N, K, gs, nt);
+    } else {
+        if (full) w4_gemm_small<true>(pk, scale, zo, x, bias, y, M, N, K, gs, nt);
+        else w4_gemm_small<false>(pk, scale, zo, x, bias, y, M, N, K, gs, nt);
+    }
+}
+
+// Exact dequantisation (code - zo) * scale to fp32 [N, K], the Q4 layout in.
+void sf_w4_dequant(const uint8_t* pk, const float* scale, const uint8_t* zo, float* out,
+                   int64_t N, int64_t K, int64_t gs, int nt) {
+    const int64_t G = K / gs, K32 = K & ~(int64_t)31;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* r = pk + n * (K / 2);
+        const float* sc = scale + n * G;
+        const uint8_t* z = zo + n * G;
+        float* w = out + n * K;
+        if (gs % 32 == 0) {  // a group is whole Q4 blocks: its scale and zero set once
+            for (int64_t g = 0; g < G; ++g) {
+                const __m256 s = _mm256_set1_ps(sc[g]), zz = _mm256_set1_ps((float)z[g]);
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                    for (int hf = 0; hf < 2; ++hf) {
+                        __m256 l, h;
+                        q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                        _mm256_storeu_ps(w + k + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+                        _mm256_storeu_ps(w + k + 16 + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
+                    }
+                }
+            }
+            continue;
+        }
+        // gs % 32 == 16: each 16-code half block has one group; per block, the low
+        // half's group then the high half's
+        Q4Groups grp(gs);
+        for (int64_t k = 0; k < K32; k += 32) {
+            const int64_t gl = grp.next(), gh = grp.next();
+            const __m256 sl = _mm256_set1_ps(sc[gl]), zl = _mm256_set1_ps((float)z[gl]);
+            const __m256 sh = _mm256_set1_ps(sc[gh]), zh = _mm256_set1_ps((float)z[gh]);
+            for (int hf = 0; hf < 2; ++hf) {
+                __m256 l, h;
+                q4_unpack8(r + k / 2 + 8 * hf, l, h);
+                _mm256_storeu_ps(w + k + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(l, zl), sl));
+                _mm256_storeu_ps(w + k + 16 + 8 * hf, _mm256_mul_ps(_mm256_sub_ps(h, zh), sh));
+            }
+        }
+        if (K32 < K) {  // the half block
+            const __m256 s = _mm256_set1_ps(sc[G - 1]), zz = _mm256_set1_ps((float)z[G - 1]);
+            __m256 l, h;
+            q4_unpack8(r + K32 / 2, l, h);
+            _mm256_storeu_ps(w + K32, _mm256_mul_ps(_mm256_sub_ps(l, zz), s));
+            _mm256_storeu_ps(w + K32 + 8, _mm256_mul_ps(_mm256_sub_ps(h, zz), s));
         }
     }
 }

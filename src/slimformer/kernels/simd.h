@@ -62,6 +62,27 @@ static inline float sum_f32(const float* a, int64_t K) {
     return s;
 }
 
+// ---- 4-bit codes in the Q4 layout (formats/matrix.py pack_nibbles; GGUF's block order):
+// every 32 codes of a row in 16 bytes, byte j = c[j] | c[j+16] << 4.
+
+// 8 bytes at byte offset 8h of a 16-byte block -> codes 8h..8h+7 (lo) and 16+8h..16+8h+7 (hi).
+static inline void q4_unpack8(const uint8_t* p, __m256& lo, __m256& hi) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// 16 bytes (one block) -> its 32 codes in order, as bytes.
+static inline __m256i q4_codes32(const uint8_t* p) {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    const __m128i m = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+// A row of K % 32 == 16 codes (only kernels.prepare_int4 builds one, from codes) ends in
+// a half block: 16 codes in 8 bytes, byte j = c[j] | c[j+8] << 4, which q4_unpack8 reads
+// as codes 0..7 (lo) and 8..15 (hi).
+
 // Exact int32 dot of int8 a (any value) and int8 b (in -127..127):
 // maddubs(|a|, sign(b, a)) pairs fit int16 (128*127*2 < 32767).
 static inline int32_t idot_avx2(const int8_t* a, const int8_t* b, int64_t K) {

@@ -12,20 +12,20 @@ Stored layout of the codes (``qweight``), chosen so that the format description 
 saved file agree (``formats/matrix.py``):
 
 - 4-bit codes with ``in_features % 32 == 0``: ``[out, in/2]`` bytes in the Q4 layout
-  (``formats.matrix.pack_nibbles``: GGUF's block order, what ``runtime/_decoder.cpp``
+  (``formats.matrix.pack_nibbles``: GGUF's block order, what ``kernels/decoder.cpp``
   reads). :meth:`matrix` hands these bytes over as they are, and a GGUF writer copies them.
   Compressed directories of format version 1 stored them as a flat bit stream; they are
   converted once, when their state dict is loaded (``_load_from_state_dict``), and a flat
   ``qweight`` bound directly (an offloaded v1 directory) is still read correctly.
-  The one conversion left: ``kernels/_kernels.cpp`` (``sf_w4_linear``/``sf_w4_dequant``)
-  reads 16 codes per 8 bytes, not 32 per 16, so ``kernels.prepare_int4`` repacks once per
-  module at the first forward (not per forward). Why not store the kernels' order instead:
-  then the decoder and every GGUF read and write would repack, and the kernels' order
-  cannot hold GGUF's blocks. Changing ``sf_w4_*`` to read 32-code blocks (C, with the
-  kernels library) removes this last repack.
+  The int4 kernels (``kernels/kernels.cpp`` ``sf_w4_linear``/``sf_w4_dequant``) read
+  this layout too: ``kernels.prepare_int4_q4`` hands ``qweight`` to them as it is (the
+  same storage; no unpacking or repacking at load or first forward). What the first
+  forward still builds is small: fp32 copies of the fp16 scales and the uint8
+  ``zero + offset`` per group.
 - other widths, and 4-bit rows not a multiple of 32: the dense bit stream of
   ``formats.packing`` (2- and 3-bit codes take 2 and 3 bits on disk; the runtime
-  unpacks them to nibbles or bytes once, when it prepares a layer).
+  unpacks them to nibbles or bytes once, when it prepares a layer: for the int4 kernels,
+  into the Q4 layout, a row of ``K % 32 == 16`` codes ending in a 16-code half block).
 """
 
 from __future__ import annotations
@@ -227,6 +227,11 @@ class QuantLinear(CompressedLinear):
         if kind == "w8a8-group":
             return kernels.w8a8_group_linear, kernels.prepare_w8a8_groups(self.codes(), self.scale, group, spec.bits)
         if kind == "int4":
+            if self.qweight.dim() == 2:  # the Q4 layout: the kernels read these bytes as they are
+                return kernels.int4_linear, kernels.prepare_int4_q4(self.qweight, self.scale, zero, group,
+                                                                    spec.symmetric, spec.bits,
+                                                                    self.out_features, self.in_features)
+            # the bit stream (2-3 bits, rows not a multiple of 32): unpacked to the Q4 layout once
             return kernels.int4_linear, kernels.prepare_int4(self.codes(), self.scale, zero, group, spec.symmetric,
                                                              bits=spec.bits)
         if kind == "int8":

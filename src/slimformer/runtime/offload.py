@@ -262,7 +262,7 @@ class Offloader:
         for e in block.entries:
             (e.module._parameters if e.is_param else e.module._buffers)[e.attr] = e.placeholder
         for m in block.quant_modules:
-            m.drop_runtime()      # drop the repacked copy / dense cache with the weights
+            m.drop_runtime()      # drop the kernel layout (it may share the weights' storage) / dense cache
         block.bound = False
         self.resident_blocks -= 1
 
