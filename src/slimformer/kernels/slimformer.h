@@ -16,7 +16,9 @@
 
 #include <stdint.h>
 
-#define SF_ABI_VERSION 2
+// 2: SfLayer gained q_norm, k_norm, window. 3: sf_w4_* read 4-bit codes in the Q4 layout
+// (32 codes per 16 bytes, formats/matrix.py pack_nibbles) instead of 16 per 8.
+#define SF_ABI_VERSION 3
 
 // Bits of sf_cpu_features().
 #define SF_CPU_AVX2 (1 << 0)
