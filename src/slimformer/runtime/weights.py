@@ -80,7 +80,7 @@ def from_quant_linear(name: str, module: QuantLinear) -> RtLinear:
 
 def quantize_rtn(name: str, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> RtLinear:
     """Round an fp32 weight to ``bits`` per output row (symmetric RTN, the same rounding
-    and fp16 scales as ``slimformer.quant``) and return it in the runtime layout."""
+    and fp16 scales as ``QuantLinear``) and return it in the runtime layout."""
     from slimformer.formats.spec import WeightSpec
 
     module = QuantLinear.from_float(weight.detach().float(), bias, WeightSpec(bits=bits))
