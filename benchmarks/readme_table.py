@@ -277,8 +277,31 @@ def sparse_matmul_table(payload: dict) -> str:
     )
 
 
+def runtime_before_after_text(payload: dict) -> str:
+    rows = payload["rows"].values()
+
+    def span(measure, key):
+        values = [r[measure][key] for r in rows if r[measure][key] is not None]
+        return min(values), max(values)
+
+    inside = all(abs(r[m]["after_over_before"] - 1) <= r[m]["round_to_round_noise"]
+                 for r in rows for m in ("decode_tok_s", "prefill_tok_s"))
+    (d0, d1), (p0, p1) = span("decode_tok_s", "after_over_before"), span("prefill_tok_s", "after_over_before")
+    n = [v for m in ("decode_tok_s", "prefill_tok_s") for v in span(m, "round_to_round_noise")]
+    proto = payload["protocol"]
+    return (f"The runtime before and after issue 12's refactor ({payload['date']}; `benchmarks/runtime_before_after.py` → "
+            f"`benchmarks/results/runtime_before_after.json`; {payload['before'][:7]} vs {payload['after'][:7]}, "
+            f"one fresh process per commit per round, {proto['rounds']} rounds alternating which goes first, "
+            f"{proto['repeats_per_process']} timings each): after/before {d0:.2f}–{d1:.2f} for decode and "
+            f"{p0:.2f}–{p1:.2f} for prefill over the {len(payload['rows'])} rows of the table above; "
+            + ("every ratio is inside its row's round-to-round noise" if inside else "NOT every ratio is inside its row's noise")
+            + f", which was {100 * min(n):.0f}–{100 * max(n):.0f}% on this 2-core machine that day, so the check "
+              "excludes only larger regressions.")
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
+          "runtime_before_after.json": runtime_before_after_text,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
           "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table}
