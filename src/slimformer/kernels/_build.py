@@ -257,10 +257,15 @@ def has_feature(lib: ctypes.CDLL, name: str) -> bool:
     return bool(lib.sf_cpu_features() & abi.CPU_FEATURES[name])
 
 
+
+def disabled() -> bool:
+    """``SLIMFORMER_DISABLE_KERNELS`` set (to anything but 0): the native library is off."""
+    return os.environ.get("SLIMFORMER_DISABLE_KERNELS", "").strip() not in ("", "0")
+
 def load() -> ctypes.CDLL:
     """Build (cached), check and load the library, with every function declared and the
     ISA chosen. Raises BuildError (a RuntimeError) on any failure."""
-    if os.environ.get("SLIMFORMER_DISABLE_KERNELS", "").strip() not in ("", "0"):
+    if disabled():
         raise BuildError("disabled by SLIMFORMER_DISABLE_KERNELS")
     path = build()
     try:

@@ -145,16 +145,7 @@ static inline void row_q4(const uint8_t* r, Scales sc, int K, int gs, const floa
     for (int g = 0; g < K / gs; ++g) {
         __m256 a[MT], b[MT];
         for (int t = 0; t < MT; ++t) a[t] = b[t] = _mm256_setzero_ps();
-        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
-            for (int half = 0; half < 2; ++half) {   // bytes 8h..8h+7: codes 8h.. (low), 16+8h.. (high)
-                __m256 lo, hi;
-                q4_unpack8(r + k / 2 + 8 * half, lo, hi);
-                for (int t = 0; t < MT; ++t) {
-                    a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + k + 8 * half), a[t]);
-                    b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + k + 16 + 8 * half), b[t]);
-                }
-            }
-        }
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) q4_block_fma<MT>(r + k / 2, x + k, K, a, b);
         __m256 s = _mm256_set1_ps(sc[g]);
         for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(a[t], b[t]), tot[t]);
     }

@@ -86,16 +86,7 @@ static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z
         for (int64_t g = 0; g < G; ++g) {
             __m256 pa[MT], pb[MT];
             for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
-            for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-                for (int hf = 0; hf < 2; ++hf) {  // bytes 8hf..: codes k+8hf.. (l), k+16+8hf.. (h)
-                    __m256 l, h;
-                    q4_unpack8(r + k / 2 + 8 * hf, l, h);
-                    for (int t = 0; t < MT; ++t) {
-                        pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k + 8 * hf), pa[t]);
-                        pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 16 + 8 * hf), pb[t]);
-                    }
-                }
-            }
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) q4_block_fma<MT>(r + k / 2, x + k, K, pa, pb);
             __m256 s = _mm256_set1_ps(sc[g]);
             for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(s, _mm256_add_ps(pa[t], pb[t]), tot[t]);
         }
@@ -105,14 +96,7 @@ static inline void w4_row_mt(const uint8_t* r, const float* sc, const uint8_t* z
             const __m256 sl = _mm256_set1_ps(sc[grp.next()]), sh = _mm256_set1_ps(sc[grp.next()]);
             __m256 pa[MT], pb[MT];
             for (int t = 0; t < MT; ++t) { pa[t] = _mm256_setzero_ps(); pb[t] = _mm256_setzero_ps(); }
-            for (int hf = 0; hf < 2; ++hf) {
-                __m256 l, h;
-                q4_unpack8(r + k / 2 + 8 * hf, l, h);
-                for (int t = 0; t < MT; ++t) {
-                    pa[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(x + t * K + k + 8 * hf), pa[t]);
-                    pb[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(x + t * K + k + 16 + 8 * hf), pb[t]);
-                }
-            }
+            q4_block_fma<MT>(r + k / 2, x + k, K, pa, pb);
             for (int t = 0; t < MT; ++t) tot[t] = _mm256_fmadd_ps(sh, pb[t], _mm256_fmadd_ps(sl, pa[t], tot[t]));
         }
         if (K32 < K) {  // the half block: codes K32..K32+7 (l), K32+8..K32+15 (h)

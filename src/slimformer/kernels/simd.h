@@ -72,6 +72,20 @@ static inline void q4_unpack8(const uint8_t* p, __m256& lo, __m256& hi) {
     hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
+// One block (32 codes in 16 bytes at `blk`) against MT rows of x (row stride K, `x` at the
+// block's first column): low codes' products accumulate into a[t], high codes' into b[t].
+template <int MT>
+static inline void q4_block_fma(const uint8_t* blk, const float* x, int64_t K, __m256* a, __m256* b) {
+    for (int half = 0; half < 2; ++half) {   // bytes 8h..8h+7: codes 8h.. (low), 16+8h.. (high)
+        __m256 lo, hi;
+        q4_unpack8(blk + 8 * half, lo, hi);
+        for (int t = 0; t < MT; ++t) {
+            a[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + 8 * half), a[t]);
+            b[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + 16 + 8 * half), b[t]);
+        }
+    }
+}
+
 // 16 bytes (one block) -> its 32 codes in order, as bytes.
 static inline __m256i q4_codes32(const uint8_t* p) {
     __m128i v = _mm_loadu_si128((const __m128i*)p);

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.errors import SlimformerError, UnsupportedArchitectureError
+from slimformer.kernels._build import disabled as kernels_disabled
 from slimformer.kernels.abi import CLayer, CLinear, CModel, CScratch
 from slimformer.models.adapters.base import DecoderSpec, adapter_for
 from slimformer.runtime import weights as W
@@ -48,15 +48,11 @@ def _c_linear(lin: RtLinear) -> _CLinear:
                     _ptr(lin.zero), _ptr(lin.bias), _ptr(lin.corr))
 
 
-def _kernels_disabled() -> bool:
-    return os.environ.get("SLIMFORMER_DISABLE_KERNELS", "").strip() not in ("", "0")
-
-
 def native_available() -> tuple[bool, str]:
     """Whether the native decode library loads here, and if not, why (one line). The one
     check engine selection makes: ``SLIMFORMER_DISABLE_KERNELS=1``, a CPU without
     AVX2/FMA, no compiler or a failed build all answer ``(False, reason)``."""
-    if _kernels_disabled():
+    if kernels_disabled():   # read now: the library may have loaded before the switch was set
         return False, "the native library is disabled by SLIMFORMER_DISABLE_KERNELS"
     try:
         native_library()
