@@ -579,20 +579,26 @@ def _generate_tensor_parallel(source, prompts, sampling, chat, stream, world, tr
     return found
 
 
-def export(model, out, format: str = "compressed", *, overwrite: bool = False, trust_pickle: bool = False,
-           **options) -> Path:
+def export(model, out, format: str = "compressed", *, overwrite: bool = False, requantize: bool = False,
+           outtype: str | None = None, trust_pickle: bool = False, **options) -> Path:
     """Write ``model`` (a source or a ``(model, tokenizer)`` pair) to ``out`` with the
     exporter called ``format`` (see :func:`slimformer.export.exporters`).
 
     Parameters:
-        out: output directory
+        out: output directory (a file for gguf)
         format: the exporter
-        overwrite: replace an existing output directory
+        overwrite: replace an existing output
+        requantize: requantise layers whose codes the format cannot hold exactly (default: refuse)
+        outtype: type of the layers that are not quantised (gguf: f32, f16, q8_0, q4_0, q4_1; hf: float32, float16, bfloat16)
         trust_pickle: allow pickle-only checkpoints (runs code from the file)
     """
-    from slimformer.export import export_model, exporter
+    from slimformer.export import check_options, export_model
 
-    exporter(format)   # an unknown format fails before the model loads
+    if requantize:
+        options["requantize"] = True
+    if outtype is not None:
+        options["outtype"] = outtype
+    check_options(format, options)   # an unknown format or option fails before the model loads
     check_output_dir(Path(out), overwrite)
     loaded, tokenizer = model if isinstance(model, (tuple, list)) else load(model, trust_pickle=trust_pickle)
     return export_model(loaded, tokenizer, out, format, overwrite=overwrite, **options)

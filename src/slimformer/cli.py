@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="; ".join(f"{e.name}: {e.description}" for e in exporters().values()))
     p.add_argument("--out", required=True, help=_api_help(f, "out"))
     _api_option(p, f, "overwrite")
+    _api_option(p, f, "requantize")
+    _api_option(p, f, "outtype")
 
     sub.add_parser("recipes", help="list the built-in recipes")
 
@@ -324,7 +326,8 @@ def run(args) -> int:
     if args.command == "bench":
         return _bench(args, progress)
     if args.command == "export":
-        path = api.export(args.model, args.out, args.format, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
+        path = api.export(args.model, args.out, args.format, overwrite=args.overwrite, requantize=args.requantize,
+                          outtype=args.outtype, trust_pickle=args.trust_pickle)
         print(f"wrote {path} ({args.format})")
         return 0
     # Cheap checks first, so a typo or a forgotten flag does not cost a model load.

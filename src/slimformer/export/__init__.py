@@ -20,15 +20,18 @@ class Exporter:
     name: str
     write: Callable[..., Path]
     description: str          # one line: what loads the output
+    options: tuple[str, ...] = ()   # keyword options ``write`` takes besides ``overwrite``
+    single_file: bool = False       # ``out`` is a file (GGUF), not a directory
 
 
 _EXPORTERS: dict[str, Exporter] = {}
 
 
-def register_exporter(name: str, description: str):
-    """Decorator: ``write`` becomes the exporter called ``name``."""
+def register_exporter(name: str, description: str, options: tuple[str, ...] = (), single_file: bool = False):
+    """Decorator: ``write`` becomes the exporter called ``name``; ``options`` names the
+    keyword options it accepts (others are refused before the model loads)."""
     def wrap(write: Callable[..., Path]) -> Callable[..., Path]:
-        _EXPORTERS[name] = Exporter(name, write, description)
+        _EXPORTERS[name] = Exporter(name, write, description, tuple(options), single_file)
         return write
     return wrap
 
@@ -44,7 +47,17 @@ def exporter(name: str) -> Exporter:
     return _EXPORTERS[name]
 
 
+def check_options(format: str, options: dict) -> None:
+    """Refuse an option the exporter called ``format`` does not take (one line)."""
+    known = exporter(format).options
+    for key in options:
+        if key not in known:
+            takes = ", ".join(known) if known else "no options"
+            raise ExportError(f"export format '{format}' does not take option '{key}' (it takes {takes})")
+
+
 def export_model(model, tokenizer, out: str | os.PathLike, format: str, *, overwrite: bool = False,
                  **options) -> Path:
     """Write ``model`` to ``out`` with the exporter called ``format``."""
+    check_options(format, options)
     return exporter(format).write(model, tokenizer, Path(out), overwrite=overwrite, **options)

@@ -9,7 +9,8 @@ from slimformer.models.compressed import save_compressed
 from slimformer.runtime.offload import save_offloadable
 
 
-@register_exporter("compressed", "slimformer's compressed directory: packed weights, loaded by slimformer.load")
+@register_exporter("compressed", "slimformer's compressed directory: packed weights, loaded by slimformer.load",
+                   options=("recipe_text", "source"))
 def write_compressed(model, tokenizer, out: Path, *, overwrite: bool = False, **options) -> Path:
     meta = getattr(model, "slimformer_meta", None) or {}
     options.setdefault("recipe_text", meta.get("recipe"))

@@ -38,8 +38,28 @@ def first_line(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# JSON files we read (config.json, slimformer.json, quantization configs) are small; a
+# larger one is refused before it is read into memory.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json_limited(path: Path, limit: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from ``path``, refused in one line (naming the file) when the file is
+    larger than ``limit`` bytes, unreadable, not JSON, or not an object."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ModelLoadError(f"{path}: {size} bytes, more than the {limit} a JSON file of a model may have")
+        value = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{path}: not readable JSON ({first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_compressed_config(path: Path) -> dict:
     try:
-        return json.loads((path / COMPRESSED_MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {first_line(exc)}") from None
+        return read_json_limited(path / COMPRESSED_MARKER)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {exc}") from None

@@ -58,6 +58,8 @@ def load(source: str | os.PathLike, dtype="float32", trust_pickle: bool = False)
         model, tokenizer = load_compressed(path, torch_dtype)
     elif path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         model, tokenizer = _load_gguf(path, torch_dtype)
+    elif path.is_dir() and _quant_method(path) is not None:
+        model, tokenizer = _load_quantized_checkpoint(path, _quant_method(path), torch_dtype)
     elif path.is_dir():
         model, tokenizer = _load_hf(str(path), torch_dtype, trust_pickle, local=True)
     elif path.exists():
@@ -68,6 +70,41 @@ def load(source: str | os.PathLike, dtype="float32", trust_pickle: bool = False)
         raise ModelLoadError(f"model not found: {name}")
     model.eval()
     return model, tokenizer
+
+
+# Checkpoints quantised by other tools, read into our module types (never through
+# transformers' own quantizer integrations, which need optimum / gptqmodel / a GPU).
+_QUANTIZED_LOADERS = {
+    "gptq": "slimformer.models.gptq:load_gptq",
+    "compressed-tensors": "slimformer.models.compressed_tensors:load_compressed_tensors",
+}
+
+
+def _quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a local HF directory's config.json, or None."""
+    from slimformer.models.hf import read_json_limited
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return None
+    config = read_json_limited(config_path)
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not isinstance(method, str):
+        raise ModelLoadError(f"{config_path}: quantization_config.quant_method is missing or not a string")
+    return method
+
+
+def _load_quantized_checkpoint(path: Path, method: str, dtype: torch.dtype):
+    import importlib
+
+    if method not in _QUANTIZED_LOADERS:
+        raise ModelLoadError(f"{path / 'config.json'}: quantization_config.quant_method '{method}' is not supported "
+                             f"(supported: {', '.join(sorted(_QUANTIZED_LOADERS))})")
+    module, func = _QUANTIZED_LOADERS[method].split(":")
+    return getattr(importlib.import_module(module), func)(path, dtype)
 
 
 def _looks_like_hub_id(name: str) -> bool:
