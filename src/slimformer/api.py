@@ -203,7 +203,8 @@ def check_reference(model, reference) -> None:
 
 def _stored_bytes(model, source: str) -> int:
     """Bytes of the files the model was loaded from; in-memory size if it has none."""
-    if getattr(model, "slimformer_meta", None):
+    meta = getattr(model, "slimformer_meta", None)
+    if meta and not meta.get("imported_from"):   # our compressed directory (imports: their own files)
         return weight_bytes(source)
     return cost.source_bytes(source) or cost.in_memory_bytes(model)
 

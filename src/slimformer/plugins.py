@@ -20,6 +20,7 @@ BUILTIN = (
     "slimformer.nn.peg",
     "slimformer.nn.input_scaled",
     "slimformer.nn.hidden_state",
+    "slimformer.nn.act_order",
     "slimformer.techniques.quant.rtn",
     "slimformer.techniques.quant.gptq",
     "slimformer.techniques.quant.hawq",

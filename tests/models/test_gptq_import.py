@@ -1,0 +1,411 @@
+"""Import of GPTQ checkpoints (AutoGPTQ / GPTQModel layout).
+
+The checkpoints are written here, by a packer of this test's own written from the public
+format description (codes of a column as one little-endian bit stream of int32 words
+along the input dimension; zero-points the same along the output dimension; v1 stores
+zero - 1), from known codes, scales and zero-points. The imported model must dequantise
+to GPTQ's definition ``scales[g_idx[k]] * (q[k] - zeros[g_idx[k]])`` bit for bit and
+compute what a dense model holding those weights computes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import slimformer
+from slimformer.errors import ModelLoadError, SlimformerError, UnsafeCheckpointError
+from slimformer.models import gptq
+from slimformer.models.tiny import tiny_model, tiny_tokenizer
+from slimformer.nn.act_order import ActOrderLinear
+from slimformer.nn.quant_linear import QuantLinear
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+
+
+# ----------------------------------------------------------------------- the test's own packer
+def _to_int32(word: int) -> int:
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def pack_stream(values: list[int], bits: int) -> list[int]:
+    """Fields, low bits first, as one little-endian bit stream cut into int32 words."""
+    stream = 0
+    for i, v in enumerate(values):
+        assert 0 <= v < 1 << bits
+        stream |= v << (i * bits)
+    n_words = len(values) * bits // 32
+    return [_to_int32((stream >> (32 * w)) & 0xFFFFFFFF) for w in range(n_words)]
+
+
+def pack_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes ``[K, N]`` -> ``[K*bits/32, N]`` int32, each column's codes packed down the rows."""
+    cols = [pack_stream([int(v) for v in q[:, n]], bits) for n in range(q.shape[1])]
+    return torch.tensor(cols, dtype=torch.int32).t().contiguous()
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int, v1: bool) -> torch.Tensor:
+    """zero-points ``[G, N]`` -> ``[G, N*bits/32]`` int32 (v1: each stored minus one)."""
+    stored = zeros - 1 if v1 else zeros
+    rows = [pack_stream([int(v) for v in stored[g]], bits) for g in range(zeros.shape[0])]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def gptq_weight(q, zeros, scales, g_idx) -> torch.Tensor:
+    """GPTQ's definition, fp32 ``[N, K]``."""
+    g = g_idx.long()
+    return (scales.float()[g] * (q.float() - zeros.float()[g])).t().contiguous()
+
+
+# ----------------------------------------------------------------------- hand-checkable words
+def test_packer_words_by_hand():
+    # 4 bits: codes k of column 0 are 0..7 in the first word, low nibble first
+    q = torch.tensor([[(k + n) % 16 for n in range(8)] for k in range(32)])
+    words = pack_qweight(q, 4)
+    assert words.shape == (4, 8)
+    assert int(words[0, 0]) == 0x76543210
+    assert int(words[0, 1]) == _to_int32(0x87654321)
+    assert int(words[1, 0]) == _to_int32(0xFEDCBA98)
+    # 8 bits: four codes per word
+    q8 = torch.tensor([[k * 7 % 256 for _ in range(4)] for k in range(32)])
+    assert int(pack_qweight(q8, 8)[0, 0]) == 0x150E0700
+    # 3 bits: 32 codes in 3 words; code 10 straddles words 0/1 (low two bits at 30..31)
+    q3 = torch.tensor([[k % 8] for k in range(32)])
+    w3 = pack_qweight(q3, 3)[:, 0].tolist()
+    assert w3[0] == _to_int32(0x88FAC688)
+    assert (w3[1] & 1) == (10 % 8) >> 2       # code 10's high bit
+    # v1 zero-points: 8 stored as 7 in every nibble
+    assert int(pack_qzeros(torch.full((1, 8), 8), 4, v1=True)[0, 0]) == 0x77777777
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_reader_inverts_the_packer(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 1 << bits, (64, 32), generator=g)
+    assert torch.equal(gptq.read_codes(pack_qweight(q, bits), bits, 64), q.t().to(torch.uint8))
+    zeros = torch.randint(1, 1 << bits, (2, 32), generator=g)
+    for v1 in (False, True):
+        got, ones = gptq.read_zeros(pack_qzeros(zeros, bits, v1), bits, 32, v1)
+        assert torch.equal(got, zeros.to(torch.int16)) and ones == 0
+
+
+def test_v1_zero_point_of_zero_is_warned_about():
+    # a v1 zero-point of 0 is stored as all ones; GPTQModel's writer subtracts word-wise (borrowing)
+    zeros = torch.tensor([[0, 5, 3, 9, 1, 2, 4, 6]])
+    stream = sum(int(z) << (4 * i) for i, z in enumerate(zeros[0]))
+    word = (stream - 0x11111111) & 0xFFFFFFFF
+    got, ones = gptq.read_zeros(torch.tensor([[_to_int32(word)]], dtype=torch.int32), 4, 8, v1=True)
+    assert torch.equal(got, zeros.to(torch.int16)) and ones == 1
+
+
+# ----------------------------------------------------------------------- checkpoints
+def _layer_tensors(K, N, bits, group_size, sym, act_order, gen):
+    gs = K if group_size == -1 else group_size
+    G = K // gs
+    q = torch.randint(0, 1 << bits, (K, N), generator=gen)
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).half()
+    if sym:
+        zeros = torch.full((G, N), 1 << (bits - 1))
+    else:
+        zeros = torch.randint(1, 1 << bits, (G, N), generator=gen)   # >= 1: v1 can hold every one
+    if act_order and G > 1:
+        order = torch.randperm(K, generator=gen)
+        g_idx = torch.empty(K, dtype=torch.int32)
+        g_idx[order] = (torch.arange(K) // gs).to(torch.int32)
+    else:
+        g_idx = (torch.arange(K) // gs).to(torch.int32)
+    return q, zeros, scales, g_idx
+
+
+def make_checkpoint(path: Path, bits=4, group_size=32, sym=True, fmt="gptq", act_order=False, lm_head=False,
+                    seed=0, extra_config=None, with_g_idx=True):
+    """A GPTQ directory of a tiny random Llama; returns (dense reference model, {layer: fp32 weight})."""
+    model = tiny_model("llama", seed=seed)
+    tok = tiny_tokenizer()
+    gen = torch.Generator().manual_seed(seed + 100)
+    tensors, reference = {}, {}
+    names = [f"model.layers.{i}.{lin}" for i in range(model.config.num_hidden_layers) for lin in LINEARS]
+    if lm_head:
+        names.append("lm_head")
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    for name in names:
+        linear = model.get_submodule(name)
+        N, K = linear.weight.shape
+        q, zeros, scales, g_idx = _layer_tensors(K, N, bits, group_size, sym, act_order, gen)
+        tensors[f"{name}.qweight"] = pack_qweight(q, bits)
+        tensors[f"{name}.qzeros"] = pack_qzeros(zeros, bits, fmt == "gptq")
+        tensors[f"{name}.scales"] = scales
+        if with_g_idx:
+            tensors[f"{name}.g_idx"] = g_idx
+        reference[name] = gptq_weight(q, zeros, scales, g_idx)
+        with torch.no_grad():
+            linear.weight.copy_(reference[name])
+    for name, t in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in reference or name == "lm_head.weight" and not lm_head:
+            continue
+        tensors[name] = t.half().contiguous()   # GPTQ checkpoints keep the rest in fp16
+        with torch.no_grad():
+            t.copy_(t.half().float())           # the reference holds what the file holds
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    tok.save_pretrained(path)
+    model.config.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym,
+          "checkpoint_format": fmt, "true_sequential": True, "damp_percent": 0.01, "lm_head": lm_head,
+          **(extra_config or {})}
+    config["quantization_config"] = qc
+    (path / "config.json").write_text(json.dumps(config))
+    return model, reference
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ids(seed=1):
+    return torch.randint(4, 380, (2, 20), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "w4-g32-sym-v1": dict(bits=4, group_size=32, sym=True, fmt="gptq"),
+    "w4-g32-asym-v2": dict(bits=4, group_size=32, sym=False, fmt="gptq_v2"),
+    "w4-g32-asym-v1-actorder": dict(bits=4, group_size=32, sym=False, fmt="gptq", act_order=True),
+    "w4-channel-sym-v2": dict(bits=4, group_size=-1, sym=True, fmt="gptq_v2"),
+    "w8-g32-sym-v1-actorder": dict(bits=8, group_size=32, sym=True, fmt="gptq", act_order=True),
+    "w8-channel-asym-v1": dict(bits=8, group_size=-1, sym=False, fmt="gptq"),
+    "w3-g32-asym-v2": dict(bits=3, group_size=32, sym=False, fmt="gptq_v2"),
+    "w2-g32-sym-v1-actorder": dict(bits=2, group_size=32, sym=True, fmt="gptq", act_order=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_import_is_exact(tmp_path, case):
+    kw = CASES[case]
+    dense, reference = make_checkpoint(tmp_path / "ckpt", **kw)
+    model, tok = slimformer.load(tmp_path / "ckpt")
+    for name, weight in reference.items():
+        module = model.get_submodule(name)
+        act_order = kw.get("act_order", False)
+        assert isinstance(module, ActOrderLinear if act_order else QuantLinear), name
+        inner = module.inner if act_order else module
+        assert inner.weight_spec.bits == kw["bits"]
+        assert inner.weight_spec.symmetric == kw["sym"]
+        assert inner.weight_spec.granularity == ("channel" if kw["group_size"] == -1 else "group")
+        assert torch.equal(module.dequantized_weight(), weight), name
+    assert model.slimformer_meta["imported_from"] == "gptq"
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = _ids()
+    expected = _logits(dense, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4 * float(expected.abs().max()), rtol=1e-4)
+
+
+def test_act_order_permutes_columns_exactly(tmp_path):
+    make_checkpoint(tmp_path / "c", **CASES["w4-g32-asym-v1-actorder"])
+    model, _ = slimformer.load(tmp_path / "c")
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    perm = layer.input_perm
+    assert not torch.equal(perm, torch.arange(perm.numel()))
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t(), atol=1e-5, rtol=1e-5)
+    # the inner groups are contiguous: each 32 permuted columns share one scale per row
+    assert layer.inner.scale.shape == (layer.out_features, layer.in_features // 32)
+
+
+def test_old_checkpoint_without_g_idx_and_quantised_head(tmp_path):
+    dense, reference = make_checkpoint(tmp_path / "c", bits=4, group_size=32, sym=False, fmt="gptq",
+                                       lm_head=True, with_g_idx=False)
+    model, _ = slimformer.load(tmp_path / "c")
+    assert isinstance(model.lm_head, QuantLinear)
+    assert torch.equal(model.lm_head.dequantized_weight(), reference["lm_head"])
+    assert isinstance(model.model.embed_tokens.weight, nn.Parameter)
+    ids = _ids(2)
+    expected = _logits(dense, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4 * float(expected.abs().max()), rtol=1e-4)
+
+
+def test_our_rtn_model_packed_to_gptq_round_trips(tmp_path):
+    """Our own quantiser's codes, written in the GPTQ layout by the test's packer, load back
+    to the same dequantised weights and logits."""
+    model, tok = tiny_model("llama", seed=3), tiny_tokenizer()
+    ours = slimformer.compress((model, tok), "rtn-w4-g64-asym").model
+    tensors = {}
+    for name, module in ours.named_modules():
+        if isinstance(module, QuantLinear):
+            codes = module.codes().t()                                 # [K, N]
+            zeros = module.zero.t()                                    # [G, N]
+            tensors[f"{name}.qweight"] = pack_qweight(codes, 4)
+            tensors[f"{name}.qzeros"] = pack_qzeros(zeros, 4, v1=False)
+            tensors[f"{name}.scales"] = module.scale.t().contiguous()
+            tensors[f"{name}.g_idx"] = (torch.arange(module.in_features) // 64).to(torch.int32)
+    for name, t in ours.state_dict().items():
+        if name.rsplit(".", 1)[0] + ".qweight" not in tensors and name != "lm_head.weight":
+            tensors[name] = t.contiguous()
+    out = tmp_path / "rtn-gptq"
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    tok.save_pretrained(out)
+    ours.config.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False,
+                                     "desc_act": False, "checkpoint_format": "gptq_v2"}
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, _ = slimformer.load(out)
+    for name, module in ours.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(loaded.get_submodule(name).dequantized_weight(), module.dequantized_weight())
+    ids = _ids(3)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------- what runs on an import
+def test_eval_and_native_generate(tmp_path):
+    dense, _ = make_checkpoint(tmp_path / "c", **CASES["w4-g32-sym-v1"])
+    tok = tiny_tokenizer()
+    result = slimformer.evaluate(str(tmp_path / "c"), "pydoc", seqlen=64, windows=2, progress=False)
+    reference = slimformer.evaluate((dense, tok), "pydoc", seqlen=64, windows=2, progress=False)
+    assert result["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+    assert result["stored_bytes"] == (tmp_path / "c" / "model.safetensors").stat().st_size
+    model, tok = slimformer.load(tmp_path / "c")
+    prompts = ["def f(x):", "The object"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # every layer runs natively: no fallback
+        native = slimformer.generate((model, tok), prompts, max_new_tokens=12, ignore_eos=True, engine="native")
+    hf = slimformer.generate((model, tok), prompts, max_new_tokens=12, ignore_eos=True, engine="hf")
+    assert native.engine == "native"
+    assert [g.token_ids for g in native] == [g.token_ids for g in hf]
+
+
+def test_act_order_runs_native_dense_with_a_warning(tmp_path):
+    make_checkpoint(tmp_path / "c", **CASES["w4-g32-asym-v1-actorder"])
+    model, tok = slimformer.load(tmp_path / "c")
+    with pytest.warns(RuntimeWarning, match="act-order"):
+        native = slimformer.generate((model, tok), ["def f(x):"], max_new_tokens=8, ignore_eos=True, engine="native")
+    hf = slimformer.generate((model, tok), ["def f(x):"], max_new_tokens=8, ignore_eos=True, engine="hf")
+    assert native[0].token_ids == hf[0].token_ids
+
+
+def test_import_saves_and_reloads_as_compressed(tmp_path):
+    make_checkpoint(tmp_path / "c", **CASES["w4-g32-asym-v1-actorder"])
+    model, tok = slimformer.load(tmp_path / "c")
+    from slimformer.api import export
+
+    out = export((model, tok), tmp_path / "saved", "compressed")
+    again, _ = slimformer.load(out)
+    for name, module in model.named_modules():
+        if isinstance(module, ActOrderLinear):
+            back = again.get_submodule(name)
+            assert isinstance(back, ActOrderLinear) and torch.equal(back.input_perm, module.input_perm)
+            assert torch.equal(back.dequantized_weight(), module.dequantized_weight())
+    ids = _ids(4)
+    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------- bad input
+def _one_line(exc) -> str:
+    text = str(exc.value)
+    assert "\n" not in text, text
+    return text
+
+
+def _edit_config(path: Path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config["quantization_config"].pop(key, None)
+        else:
+            config["quantization_config"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    make_checkpoint(tmp_path / "c", bits=4, group_size=32)
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(bits=5), "bits"), (dict(bits="4"), "bits"), (dict(bits=None), "bits"), (dict(group_size=None), "group_size"),
+    (dict(group_size=0), "group_size"), (dict(sym="yes"), "sym"), (dict(checkpoint_format="marlin"), "checkpoint_format"),
+    (dict(pack_dtype="int16"), "pack_dtype"), (dict(dynamic={"-:.*down": {}}), "dynamic"),
+    (dict(lm_head=True), "lm_head"), (dict(group_size=48), "group_size"), (dict(bits=8), "qweight"),
+])
+def test_bad_config_fields(ckpt, change, field):
+    _edit_config(ckpt, **change)
+    with pytest.raises(ModelLoadError) as err:
+        slimformer.load(ckpt)
+    text = _one_line(err)
+    assert field in text and str(ckpt) in text
+
+
+def test_truncated_safetensors(ckpt):
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError) as err:
+        slimformer.load(ckpt)
+    assert "model.safetensors" in _one_line(err)
+
+
+def _rewrite(ckpt: Path, edit):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.qweight", t["model.layers.0.mlp.up_proj.qweight"][:-1]),
+     "model.layers.0.mlp.up_proj.qweight"),
+    (lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.scales", t["model.layers.1.self_attn.k_proj.scales"].float()[:, :-1].contiguous()),
+     "model.layers.1.self_attn.k_proj.scales"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.qzeros", t["model.layers.0.mlp.up_proj.qzeros"].long()),
+     "model.layers.0.mlp.up_proj.qzeros"),
+    (lambda t: t.pop("model.layers.0.self_attn.o_proj.qzeros"), "model.layers.0.self_attn.o_proj.qzeros"),
+    (lambda t: t.pop("model.norm.weight"), "model.norm.weight"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.gate_proj.g_idx", torch.zeros(64, dtype=torch.int32)),
+     "model.layers.0.mlp.gate_proj.g_idx"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.gate_proj.g_idx", torch.full((64,), 7, dtype=torch.int32)),
+     "model.layers.0.mlp.gate_proj.g_idx"),
+    (lambda t: t.__setitem__("model.layers.0.input_layernorm.qweight", torch.zeros(8, 64, dtype=torch.int32)),
+     "model.layers.0.input_layernorm.qweight"),
+    (lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)), "model.extra.weight"),
+    (lambda t: t.__setitem__("model.norm.weight", torch.zeros(65)), "model.norm.weight"),
+])
+def test_inconsistent_tensors(ckpt, edit, needle):
+    _rewrite(ckpt, edit)
+    with pytest.raises(ModelLoadError) as err:
+        slimformer.load(ckpt)
+    text = _one_line(err)
+    assert needle in text
+
+
+def test_pickle_only_checkpoint_is_refused(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        slimformer.load(ckpt)
+    assert "pickle" in _one_line(err)
+
+
+def test_errors_are_slimformer_errors_and_nothing_is_written(ckpt):
+    before = sorted(p.name for p in ckpt.iterdir())
+    _edit_config(ckpt, bits=6)
+    with pytest.raises(SlimformerError):
+        slimformer.load(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == before
