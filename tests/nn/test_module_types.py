@@ -86,6 +86,13 @@ def _input_scaled(inner: str):
     return InputScaledLinear(lin, scale)
 
 
+def _act_order():
+    from slimformer.nn.act_order import ActOrderLinear
+
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(7))
+    return ActOrderLinear(_quant(WeightSpec(4, False, "group", 32)), perm)
+
+
 def _hidden_state():
     from slimformer.nn.hidden_state import HiddenStateQuant
     from slimformer.nn.peg import ActGrid
@@ -112,6 +119,7 @@ EXAMPLES = {
     "PEGLinear": {"a8-groups": _peg},
     "InputScaledLinear": {"linear": lambda: _input_scaled("linear"), "w4": lambda: _input_scaled("w4")},
     "HiddenStateQuant": {"a8": _hidden_state},
+    "ActOrderLinear": {"w4-g32-asym": _act_order},   # dense fallback: no native input permutation
 }
 
 
@@ -175,7 +183,7 @@ def test_what_each_example_becomes():
         "QuantLinear/w8a8": "native", "QuantLinear/w8a8-group": "native", "QuantLinear/w8a8-static": "refused",
         "SparseLinear/csr": "dense", "GOBOLinear/w3-g32": "dense", "Int8OutlierLinear/int8": "refused",
         "PEGLinear/a8-groups": "refused", "InputScaledLinear/linear": "native", "InputScaledLinear/w4": "dense",
-        "HiddenStateQuant/a8": "refused",
+        "HiddenStateQuant/a8": "refused", "ActOrderLinear/w4-g32-asym": "dense",
     }
 
 

@@ -255,10 +255,11 @@ class _Layer:
     g_idx: bool
 
 
-def _expect(entries: dict, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...], field_name: str):
+def _expect(entries: dict, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...], field_name: str,
+            file: Path):
     entry = entries.get(name)
     if entry is None:
-        raise ModelLoadError(f"missing tensor {name} ({field_name})")
+        raise ModelLoadError(f"{file}: missing tensor {name} ({field_name})")
     if entry.dtype not in dtypes:
         raise ModelLoadError(f"{entry.file}: {name} is {entry.dtype}, expected {' or '.join(dtypes)}")
     if entry.shape != shape:
@@ -290,15 +291,17 @@ def _plan_layers(model: nn.Module, entries: dict, cfg: GPTQConfig, where) -> lis
             raise ModelLoadError(f"{entry.file}: {prefix} has {in_features} inputs and {out_features} outputs, "
                                  f"which {b}-bit codes do not fill whole int32 words")
         groups = in_features // gs
-        _expect(entries, f"{prefix}.qweight", ("I32",), (in_features * b // 32, out_features), "qweight")
-        _expect(entries, f"{prefix}.qzeros", ("I32",), (groups, out_features * b // 32), "qzeros")
-        _expect(entries, f"{prefix}.scales", tuple(_FLOAT_DTYPES), (groups, out_features), "scales")
+        _expect(entries, f"{prefix}.qweight", ("I32",), (in_features * b // 32, out_features), "qweight", entry.file)
+        _expect(entries, f"{prefix}.qzeros", ("I32",), (groups, out_features * b // 32), "qzeros", entry.file)
+        _expect(entries, f"{prefix}.scales", tuple(_FLOAT_DTYPES), (groups, out_features), "scales", entry.file)
         has_g_idx = f"{prefix}.g_idx" in entries
         if has_g_idx:
-            _expect(entries, f"{prefix}.g_idx", ("I32", "I64"), (in_features,), "g_idx")
+            _expect(entries, f"{prefix}.g_idx", ("I32", "I64"), (in_features,), "g_idx", entry.file)
         has_bias = f"{prefix}.bias" in entries
+        if getattr(module, "bias", None) is not None and not has_bias:
+            raise ModelLoadError(f"{entry.file}: missing tensor {prefix}.bias (config.json's model has a bias there)")
         if has_bias:
-            _expect(entries, f"{prefix}.bias", tuple(_FLOAT_DTYPES), (out_features,), "bias")
+            _expect(entries, f"{prefix}.bias", tuple(_FLOAT_DTYPES), (out_features,), "bias", entry.file)
         layers.append(_Layer(prefix, in_features, out_features, has_bias, has_g_idx))
     if not layers:
         raise ModelLoadError(f"{where}: quant_method is gptq but no tensor is a qweight")
@@ -337,8 +340,14 @@ def _check_dense(model: nn.Module, entries: dict, layers: list[_Layer]) -> list[
             continue
         if any(other in entries for other in tied.get(name, ())):
             continue
-        raise ModelLoadError(f"missing tensor {name} in the checkpoint's safetensors files")
+        raise ModelLoadError(f"{_where(entries)}: missing tensor {name}")
     return dense
+
+
+def _where(entries: dict) -> Path:
+    """The weight file (or, for several, their directory) for messages about a missing tensor."""
+    files = {e.file for e in entries.values()}
+    return next(iter(files)) if len(files) == 1 else next(iter(files)).parent
 
 
 def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -349,15 +358,31 @@ def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------- building
-def _read(entries: dict, name: str) -> torch.Tensor:
-    from safetensors import safe_open
+class _Reader:
+    """The tensors' data, each file opened once (its header was checked by :func:`_headers`)."""
 
-    entry = entries[name]
-    try:
-        with safe_open(str(entry.file), framework="pt") as handle:
+    def __init__(self, entries: dict[str, _Entry]):
+        self.entries, self.handles = entries, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+        self.handles.clear()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        entry = self.entries[name]
+        try:
+            handle = self.handles.get(entry.file)
+            if handle is None:
+                handle = self.handles[entry.file] = safe_open(str(entry.file), framework="pt").__enter__()
             return handle.get_tensor(name)
-    except Exception as exc:
-        raise ModelLoadError(f"{entry.file}: cannot read {name} ({first_line(exc)})") from None
+        except Exception as exc:
+            raise ModelLoadError(f"{entry.file}: cannot read {name} ({first_line(exc)})") from None
 
 
 def _as_fp16(tensor: torch.Tensor, entry: _Entry, name: str) -> torch.Tensor:
@@ -463,14 +488,13 @@ def load_gptq(path, dtype: torch.dtype = torch.float32):
     if head is not None and getattr(model.config, "tie_word_embeddings", False):
         # the head is quantised, the embedding is not: they can no longer be one tensor
         model.config.tie_word_embeddings = False
-    for layer in layers:
-        tensors = {s: _read(entries, f"{layer.name}.{s}") for s in (*_QUANT_SUFFIXES, "bias")
-                   if f"{layer.name}.{s}" in entries}
-        set_module(model, layer.name, build_layer(layer, tensors, cfg, dtype, entries, notes))
-    tied = _tied_groups(model)
-    state = {}
-    for name in dense:
-        state[name] = _read(entries, name).to(dtype)
+    with _Reader(entries) as read:
+        for layer in layers:
+            tensors = {s: read(f"{layer.name}.{s}") for s in (*_QUANT_SUFFIXES, "bias")
+                       if f"{layer.name}.{s}" in entries}
+            set_module(model, layer.name, build_layer(layer, tensors, cfg, dtype, entries, notes))
+        tied = _tied_groups(model)
+        state = {name: read(name).to(dtype) for name in dense}
     model.load_state_dict(state, strict=False, assign=True)
     for name, others in tied.items():
         if name in state:
@@ -481,7 +505,7 @@ def load_gptq(path, dtype: torch.dtype = torch.float32):
             setattr(model.get_submodule(owner), attr, model.get_parameter(source))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ModelLoadError(f"{path}: missing tensor {left[0]} in the checkpoint's safetensors files")
+        raise ModelLoadError(f"{_where(entries)}: missing tensor {left[0]}")
     for note in notes:
         warnings.warn(f"slimformer: GPTQ import of {path}: {note}", RuntimeWarning, stacklevel=2)
     try:
