@@ -34,6 +34,7 @@ BUILTIN = (
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",
+    "slimformer.export.gptq",
 )
 
 _loaded = False

@@ -409,3 +409,82 @@ def test_errors_are_slimformer_errors_and_nothing_is_written(ckpt):
     with pytest.raises(SlimformerError):
         slimformer.load(ckpt)
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+# ----------------------------------------------------------------------- the gptq exporter
+def test_our_gptq_exported_and_loaded_back_exactly(tmp_path):
+    """Our GPTQ -> ``export --format gptq`` -> ``slimformer.load``: the same codes, scales and
+    logits; the written words equal the test's own packer's."""
+    from safetensors import safe_open
+
+    from slimformer.api import export
+
+    model, tok = tiny_model("llama", seed=4), tiny_tokenizer()
+    ours = slimformer.compress((model, tok), "gptq-w4-g32", calib="pydoc", calib_samples=4, seqlen=64,
+                               progress=False).model
+    out = export((ours, tok), tmp_path / "gptq", "gptq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["checkpoint_format"], qc["desc_act"]) == (4, 32, "gptq", False)
+    loaded, _ = slimformer.load(out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for name, module in ours.named_modules():
+            if not isinstance(module, QuantLinear):
+                continue
+            back = loaded.get_submodule(name)
+            assert torch.equal(back.codes(), module.codes()) and torch.equal(back.scale, module.scale)
+            assert torch.equal(back.dequantized_weight(), module.dequantized_weight())
+            assert torch.equal(f.get_tensor(f"{name}.qweight"), pack_qweight(module.codes().t(), 4))
+            zeros = module.zero.t() if module.zero.numel() else torch.full((module.in_features // 32,
+                                                                             module.out_features), 8)
+            assert torch.equal(f.get_tensor(f"{name}.qzeros"), pack_qzeros(zeros, 4, v1=True))
+    ids = _ids(5)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["w4-g32-asym-v1-actorder", "w3-g32-asym-v2", "w8-channel-asym-v1"])
+def test_import_export_import_is_exact(tmp_path, case):
+    from slimformer.api import export
+
+    make_checkpoint(tmp_path / "c", **CASES[case])
+    first, tok = slimformer.load(tmp_path / "c")
+    out = export((first, tok), tmp_path / "again", "gptq")
+    second, _ = slimformer.load(out)
+    for name, module in first.named_modules():
+        if isinstance(module, (QuantLinear, ActOrderLinear)):
+            assert type(second.get_submodule(name)) is type(module)
+            assert torch.equal(second.get_submodule(name).dequantized_weight(), module.dequantized_weight())
+
+
+def test_exporter_refuses_what_gptq_cannot_hold(tmp_path):
+    from slimformer.api import export
+    from slimformer.errors import ExportError
+
+    model, tok = tiny_model("llama", seed=5), tiny_tokenizer()
+    w8a8 = slimformer.compress((model, tok), "rtn-w8a8").model
+    with pytest.raises(ExportError, match="model.layers.0.self_attn.q_proj") as err:
+        export((w8a8, tok), tmp_path / "x", "gptq")
+    _one_line(err)
+    with pytest.raises(ExportError, match="no quantised layer"):
+        export((tiny_model("llama"), tok), tmp_path / "y", "gptq")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_compress_export_gptq_load(tmp_path, capsys):
+    from slimformer.cli import main
+
+    src = tmp_path / "tiny"
+    tiny_model("llama", seed=6).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    assert main(["--quiet", "compress", str(src), "--recipe", "rtn-w4-g32", "--out", str(tmp_path / "q")]) == 0
+    assert main(["--quiet", "export", str(tmp_path / "q"), "--format", "gptq", "--out", str(tmp_path / "g")]) == 0
+    ours, _ = slimformer.load(tmp_path / "q")
+    back, _ = slimformer.load(tmp_path / "g")
+    assert back.slimformer_meta["imported_from"] == "gptq"
+    ids = _ids(6)
+    torch.testing.assert_close(_logits(back, ids), _logits(ours, ids), atol=0, rtol=0)
+    # a bad checkpoint: one line on stderr, exit 2
+    _edit_config(tmp_path / "g", bits=5)
+    capsys.readouterr()
+    assert main(["--quiet", "eval", str(tmp_path / "g"), "--windows", "1", "--seqlen", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "quantization_config.bits" in err

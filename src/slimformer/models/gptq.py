@@ -162,6 +162,39 @@ def unpack_along_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tenso
     return (value & ((1 << bits) - 1)).to(torch.uint8)
 
 
+def pack_along_rows(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_along_rows`: ``[count, C]`` fields (``0..2^bits-1``) ->
+    ``[count*bits/32, C]`` int32 words."""
+    count = fields.shape[0]
+    if (count * bits) % 32:
+        raise ValueError(f"{count} fields of {bits} bits do not fill whole int32 words")
+    v = fields.to(torch.int64)
+    pos = torch.arange(count, dtype=torch.int64) * bits
+    word, off = pos // 32, (pos % 32).unsqueeze(1)
+    words = torch.zeros(count * bits // 32, fields.shape[1], dtype=torch.int64)
+    words.index_add_(0, word, (v << off) & 0xFFFFFFFF)     # disjoint bits: the sum is the OR
+    spill = (pos % 32) + bits > 32
+    if bool(spill.any()):
+        idx = spill.nonzero().reshape(-1)
+        words.index_add_(0, word[idx] + 1, v[idx] >> (32 - off[idx]))
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def write_zeros(zeros: torch.Tensor, bits: int, v1: bool) -> torch.Tensor:
+    """Zero-points ``[G, N]`` -> ``qzeros`` ``[G, N*b/32]``; v1 stores each minus one, word
+    by word with borrows (as GPTQModel writes; :func:`read_zeros` inverts it exactly), or per
+    field modulo ``2^bits`` for 3 bits."""
+    z = zeros.to(torch.int64)
+    if not v1:
+        return pack_along_rows(z.t(), bits).t().contiguous()
+    if 32 % bits:
+        return pack_along_rows(((z - 1) & ((1 << bits) - 1)).t(), bits).t().contiguous()
+    ones = sum(1 << (i * bits) for i in range(32 // bits))
+    words = (pack_along_rows(z.t(), bits).t().to(torch.int64) & 0xFFFFFFFF) - ones
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
 def read_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """``qweight`` ``[K*b/32, N]`` -> codes ``[N, K]`` uint8."""
     return unpack_along_rows(qweight, bits, in_features).t().contiguous()
