@@ -130,8 +130,10 @@ def _layer_tensors(K, N, bits, group_size, sym, act_order, gen):
 
 
 def make_checkpoint(path: Path, bits=4, group_size=32, sym=True, fmt="gptq", act_order=False, lm_head=False,
-                    seed=0, extra_config=None, with_g_idx=True):
-    """A GPTQ directory of a tiny random Llama; returns (dense reference model, {layer: fp32 weight})."""
+                    seed=0, extra_config=None, with_g_idx=True, overrides=None, dense=()):
+    """A GPTQ directory of a tiny random Llama; returns (dense reference model, {layer: fp32 weight}).
+    ``overrides``: {projection: (bits, group_size)} for per-module formats; ``dense``:
+    projections left unquantised."""
     model = tiny_model("llama", seed=seed)
     tok = tiny_tokenizer()
     gen = torch.Generator().manual_seed(seed + 100)
@@ -141,12 +143,14 @@ def make_checkpoint(path: Path, bits=4, group_size=32, sym=True, fmt="gptq", act
         names.append("lm_head")
         model.config.tie_word_embeddings = False
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    names = [n for n in names if not n.endswith(tuple(dense))] if dense else names
     for name in names:
         linear = model.get_submodule(name)
         N, K = linear.weight.shape
-        q, zeros, scales, g_idx = _layer_tensors(K, N, bits, group_size, sym, act_order, gen)
-        tensors[f"{name}.qweight"] = pack_qweight(q, bits)
-        tensors[f"{name}.qzeros"] = pack_qzeros(zeros, bits, fmt == "gptq")
+        b, gs = next((f for proj, f in (overrides or {}).items() if name.endswith(proj)), (bits, group_size))
+        q, zeros, scales, g_idx = _layer_tensors(K, N, b, gs, sym, act_order, gen)
+        tensors[f"{name}.qweight"] = pack_qweight(q, b)
+        tensors[f"{name}.qzeros"] = pack_qzeros(zeros, b, fmt == "gptq")
         tensors[f"{name}.scales"] = scales
         if with_g_idx:
             tensors[f"{name}.g_idx"] = g_idx
@@ -237,6 +241,29 @@ def test_old_checkpoint_without_g_idx_and_quantised_head(tmp_path):
     ids = _ids(2)
     expected = _logits(dense, ids)
     torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4 * float(expected.abs().max()), rtol=1e-4)
+
+
+def test_per_module_overrides_and_excluded_modules(tmp_path):
+    """GPTQModel's ``dynamic``: down_proj in 8 bits per channel, o_proj left unquantised."""
+    dynamic = {r"+:.*down_proj": {"bits": 8, "group_size": -1}, r"-:.*o_proj": {}}
+    dense, reference = make_checkpoint(tmp_path / "c", bits=4, group_size=32, sym=False, fmt="gptq",
+                                       overrides={"mlp.down_proj": (8, -1)}, dense=("self_attn.o_proj",),
+                                       extra_config={"dynamic": dynamic})
+    model, _ = slimformer.load(tmp_path / "c")
+    down = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert (down.weight_spec.bits, down.weight_spec.granularity) == (8, "channel")
+    up = model.get_submodule("model.layers.1.mlp.up_proj")
+    assert (up.weight_spec.bits, up.weight_spec.group_size) == (4, 32)
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.o_proj"), nn.Linear)
+    for name, weight in reference.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
+    ids = _ids(7)
+    expected = _logits(dense, ids)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4 * float(expected.abs().max()), rtol=1e-4)
+    # a layer whose shapes fit none of the declared formats is refused naming its tensor
+    _edit_config(tmp_path / "c", dynamic={r"-:.*o_proj": {}})
+    with pytest.raises(ModelLoadError, match="model.layers.0.mlp.down_proj.qweight has shape"):
+        slimformer.load(tmp_path / "c")
 
 
 def test_our_rtn_model_packed_to_gptq_round_trips(tmp_path):
@@ -342,7 +369,8 @@ def ckpt(tmp_path):
 @pytest.mark.parametrize("change,field", [
     (dict(bits=5), "bits"), (dict(bits="4"), "bits"), (dict(bits=None), "bits"), (dict(group_size=None), "group_size"),
     (dict(group_size=0), "group_size"), (dict(sym="yes"), "sym"), (dict(checkpoint_format="marlin"), "checkpoint_format"),
-    (dict(pack_dtype="int16"), "pack_dtype"), (dict(dynamic={"-:.*down": {}}), "dynamic"),
+    (dict(pack_dtype="int16"), "pack_dtype"), (dict(dynamic={"+:.*down": {"bits": 5}}), "dynamic"),
+    (dict(dynamic={".*down": {"damp": 0.1}}), "dynamic"), (dict(dynamic=[1]), "dynamic"),
     (dict(lm_head=True), "lm_head"), (dict(group_size=48), "group_size"), (dict(bits=8), "qweight"),
 ])
 def test_bad_config_fields(ckpt, change, field):

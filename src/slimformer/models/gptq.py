@@ -74,11 +74,19 @@ class GPTQConfig:
     checkpoint_format: str       # "gptq" (zero-points stored minus one) or "gptq_v2"
     lm_head: bool
     unknown: tuple[str, ...] = field(default=())
+    # (bits, group_size) of GPTQModel's per-module overrides (``dynamic``); which layers they
+    # apply to is read from each layer's tensor shapes, not from the patterns
+    overrides: tuple[tuple[int, int], ...] = field(default=())
 
-    def spec(self, symmetric: bool) -> WeightSpec:
-        if self.group_size == -1:
-            return WeightSpec(self.bits, symmetric, "channel")
-        return WeightSpec(self.bits, symmetric, "group", self.group_size)
+    @property
+    def formats(self) -> tuple[tuple[int, int], ...]:
+        return ((self.bits, self.group_size), *(f for f in self.overrides if f != (self.bits, self.group_size)))
+
+
+def _spec(bits: int, group_size: int, symmetric: bool) -> WeightSpec:
+    if group_size == -1:
+        return WeightSpec(bits, symmetric, "channel")
+    return WeightSpec(bits, symmetric, "group", group_size)
 
 
 def _bad(where, key: str, why: str) -> ModelLoadError:
@@ -127,10 +135,7 @@ def parse_quantization_config(qc, where) -> GPTQConfig:
     if pack_dtype not in ("int32", "torch.int32"):
         raise _bad(where, "pack_dtype", f"'{pack_dtype}' is not supported (only int32 words)")
     lm_head = _typed(qc, where, "lm_head", bool, default=False)
-    dynamic = qc.get("dynamic")
-    if dynamic not in (None, {}):
-        raise _bad(where, "dynamic", "holds per-module overrides (other bits/group sizes per layer), "
-                   "which this reader does not support")
+    overrides = _dynamic(qc.get("dynamic"), where, bits, group_size)
     for key in ("adapter", "rotation"):
         if qc.get(key) not in (None, {}, "", False):
             raise _bad(where, key, f"= {qc[key]!r:.60} is not supported (the weights need it applied at run time)")
@@ -139,7 +144,43 @@ def parse_quantization_config(qc, where) -> GPTQConfig:
             isinstance(group, list) and all(isinstance(m, str) for m in group) for group in modules)):
         raise _bad(where, "modules_in_block_to_quantize", "must be a list of lists of module names")
     unknown = tuple(sorted(k for k in qc if k not in _INFORMATIONAL and qc[k] not in (None, False, {}, [], "")))
-    return GPTQConfig(bits, group_size, desc_act, sym, fmt, lm_head, unknown)
+    return GPTQConfig(bits, group_size, desc_act, sym, fmt, lm_head, unknown, overrides)
+
+
+_DYNAMIC_KEYS = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool}
+
+
+def _dynamic(dynamic, where, bits: int, group_size: int) -> tuple[tuple[int, int], ...]:
+    """GPTQModel's per-module overrides: ``{"-:pattern": {}}`` leaves matching modules
+    unquantised (they are stored dense, which the tensors show), ``{"[+:]pattern": {bits,
+    group_size, sym, desc_act}}`` quantises them differently. Each override's (bits,
+    group_size) is checked here; which layer has which is read from its tensor shapes."""
+    if dynamic in (None, {}):
+        return ()
+    if not isinstance(dynamic, dict):
+        raise _bad(where, "dynamic", "must be an object of module patterns")
+    found = []
+    for pattern, override in dynamic.items():
+        label = f"dynamic['{pattern:.60}']"
+        if not isinstance(override, dict):
+            raise _bad(where, label, "must be an object of overrides")
+        if pattern.startswith("-:"):
+            continue
+        for key, value in override.items():
+            kind = _DYNAMIC_KEYS.get(key)
+            if kind is None:
+                raise _bad(where, f"{label}.{key}", "is an override this reader does not support "
+                           f"(supported: {', '.join(_DYNAMIC_KEYS)})")
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise _bad(where, f"{label}.{key}", f"must be {kind.__name__}, got {value!r:.40}")
+        b, gs = override.get("bits", bits), override.get("group_size", group_size)
+        if b not in SUPPORTED_BITS:
+            raise _bad(where, f"{label}.bits", f"= {b} is not supported (GPTQ bits we read: "
+                       f"{', '.join(map(str, SUPPORTED_BITS))})")
+        if gs != -1 and not 1 <= gs <= 1 << 20:
+            raise _bad(where, f"{label}.group_size", f"= {gs} must be -1 (per channel) or a positive group size")
+        found.append((b, gs))
+    return tuple(dict.fromkeys(found))
 
 
 # ----------------------------------------------------------------------- the packed words
@@ -286,6 +327,8 @@ class _Layer:
     out_features: int
     bias: bool
     g_idx: bool
+    bits: int
+    group_size: int       # -1: one group per row
 
 
 def _expect(entries: dict, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...], field_name: str,
@@ -298,6 +341,21 @@ def _expect(entries: dict, name: str, dtypes: tuple[str, ...], shape: tuple[int,
     if entry.shape != shape:
         raise ModelLoadError(f"{entry.file}: {name} has shape {list(entry.shape)}, expected {list(shape)} "
                              f"({field_name})")
+
+
+def _layer_format(entries: dict, prefix: str, K: int, N: int, cfg: GPTQConfig) -> tuple[int, int]:
+    """The (bits, group_size) of one layer: the config's, or with per-module overrides the
+    one of the declared formats its qweight and scales shapes fit (shapes are then checked
+    against it as for any layer)."""
+    if len(cfg.formats) == 1:
+        return cfg.formats[0]
+    qweight, scales = entries.get(f"{prefix}.qweight"), entries.get(f"{prefix}.scales")
+    for b, group_size in cfg.formats:
+        groups = 1 if group_size == -1 else K // group_size
+        if (qweight is not None and qweight.shape == (K * b // 32, N)
+                and scales is not None and scales.shape == (groups, N)):
+            return b, group_size
+    return cfg.formats[0]   # none fits: the checks below name the tensor and the expected shape
 
 
 def _plan_layers(model: nn.Module, entries: dict, cfg: GPTQConfig, where) -> list[_Layer]:
@@ -315,8 +373,8 @@ def _plan_layers(model: nn.Module, entries: dict, cfg: GPTQConfig, where) -> lis
             raise ModelLoadError(f"{entry.file}: {prefix}.qweight names no linear layer of this "
                                  f"{model.config.model_type} model")
         out_features, in_features = linear_weight(module).shape
-        b = cfg.bits
-        gs = in_features if cfg.group_size == -1 else cfg.group_size
+        b, group_size = _layer_format(entries, prefix, in_features, out_features, cfg)
+        gs = in_features if group_size == -1 else group_size
         if in_features % gs:
             raise ModelLoadError(f"{where}: quantization_config.group_size {gs} does not divide the {in_features} "
                                  f"inputs of {prefix}")
@@ -335,7 +393,7 @@ def _plan_layers(model: nn.Module, entries: dict, cfg: GPTQConfig, where) -> lis
             raise ModelLoadError(f"{entry.file}: missing tensor {prefix}.bias (config.json's model has a bias there)")
         if has_bias:
             _expect(entries, f"{prefix}.bias", tuple(_FLOAT_DTYPES), (out_features,), "bias", entry.file)
-        layers.append(_Layer(prefix, in_features, out_features, has_bias, has_g_idx))
+        layers.append(_Layer(prefix, in_features, out_features, has_bias, has_g_idx, b, group_size))
     if not layers:
         raise ModelLoadError(f"{where}: quant_method is gptq but no tensor is a qweight")
     head_quantised = any(layer.name == "lm_head" for layer in layers)
@@ -435,8 +493,8 @@ def build_layer(layer: _Layer, tensors: dict[str, torch.Tensor], cfg: GPTQConfig
     from slimformer.nn.act_order import ActOrderLinear
     from slimformer.nn.quant_linear import QuantLinear
 
-    name, K, N, b = layer.name, layer.in_features, layer.out_features, cfg.bits
-    gs = K if cfg.group_size == -1 else cfg.group_size
+    name, K, N, b = layer.name, layer.in_features, layer.out_features, layer.bits
+    gs = K if layer.group_size == -1 else layer.group_size
     G = K // gs
     codes = read_codes(tensors["qweight"], b, K)                              # [N, K]
     zeros, all_ones = read_zeros(tensors["qzeros"], b, N, cfg.checkpoint_format == "gptq")   # [G, N]
@@ -468,7 +526,7 @@ def build_layer(layer: _Layer, tensors: dict[str, torch.Tensor], cfg: GPTQConfig
                      f"{offset}: read as asymmetric")
     if bool((zeros < 0).any()) or bool((zeros > 255).any()):
         raise ModelLoadError(f"{file}: {name}.qzeros decodes to zero-points outside 0..255")
-    spec = cfg.spec(symmetric)
+    spec = _spec(b, layer.group_size, symmetric)
     module = QuantLinear(K, N, spec, None, layer.bias, dtype)
     module.set_codes(codes)
     module.scale = scales.t().contiguous()
