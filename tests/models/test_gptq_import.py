@@ -516,3 +516,44 @@ def test_cli_compress_export_gptq_load(tmp_path, capsys):
     assert main(["--quiet", "eval", str(tmp_path / "g"), "--windows", "1", "--seqlen", "32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "quantization_config.bits" in err
+
+
+def test_sharded_checkpoint_and_its_index(tmp_path):
+    from safetensors.torch import load_file
+
+    dense, reference = make_checkpoint(tmp_path / "c", **CASES["w4-g32-sym-v1"])
+    ckpt = tmp_path / "c"
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in parts.items():
+        save_file({n: tensors[n] for n in part}, str(ckpt / file))
+        weight_map.update({n: file for n in part})
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model, _ = slimformer.load(ckpt)
+    for name, weight in reference.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight)
+    # an index may only name files in the directory
+    index.write_text(json.dumps({"weight_map": {**weight_map, names[0]: "../elsewhere.safetensors"}}))
+    with pytest.raises(ModelLoadError, match="weight_map") as err:
+        slimformer.load(ckpt)
+    assert "model.safetensors.index.json" in _one_line(err)
+
+
+def test_unknown_fields_are_warned_and_recorded(tmp_path):
+    make_checkpoint(tmp_path / "c", extra_config={"some_new_option": 3})
+    with pytest.warns(RuntimeWarning, match="some_new_option"):
+        model, _ = slimformer.load(tmp_path / "c")
+    assert any("some_new_option" in n for n in model.slimformer_meta["notes"])
+
+
+def test_non_finite_scales_are_refused(ckpt):
+    def edit(t):
+        t["model.layers.0.mlp.up_proj.scales"][0, 0] = float("inf")
+    _rewrite(ckpt, edit)
+    with pytest.raises(ModelLoadError, match="model.layers.0.mlp.up_proj.scales") as err:
+        slimformer.load(ckpt)
+    _one_line(err)
