@@ -25,6 +25,12 @@ read as asymmetric. Act-order checkpoints (``g_idx`` not ``k // group_size``) be
 :class:`~slimformer.nn.act_order.ActOrderLinear`: the columns sorted by group, so each
 group is contiguous, behind the input permutation.
 
+GPTQModel's per-module overrides (``dynamic``) are read too: modules it excludes are
+stored dense (and loaded as they are); each override's bits and group size are checked,
+and each layer takes the declared format its tensor shapes fit (patterns are never
+evaluated). Marlin/BitBLAS repacked layouts, pack dtypes other than int32, 5-7-bit
+(planar) codes, adapters and rotations are refused.
+
 Everything is validated before any tensor is read: every field of
 ``quantization_config`` (types, ranges), the safetensors headers (``safe_open``: sizes and
 offsets against the file), every tensor's dtype and shape against the dimensions in
