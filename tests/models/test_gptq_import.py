@@ -368,7 +368,8 @@ def ckpt(tmp_path):
 
 @pytest.mark.parametrize("change,field", [
     (dict(bits=5), "bits"), (dict(bits="4"), "bits"), (dict(bits=None), "bits"), (dict(group_size=None), "group_size"),
-    (dict(group_size=0), "group_size"), (dict(sym="yes"), "sym"), (dict(checkpoint_format="marlin"), "checkpoint_format"),
+    (dict(group_size=0), "group_size"), (dict(sym="yes"), "sym"),
+    (dict(checkpoint_format="marlin"), "checkpoint_format"),
     (dict(pack_dtype="int16"), "pack_dtype"), (dict(dynamic={"+:.*down": {"bits": 5}}), "dynamic"),
     (dict(dynamic={".*down": {"damp": 0.1}}), "dynamic"), (dict(dynamic=[1]), "dynamic"),
     (dict(lm_head=True), "lm_head"), (dict(group_size=48), "group_size"), (dict(bits=8), "qweight"),
@@ -400,7 +401,8 @@ def _rewrite(ckpt: Path, edit):
 @pytest.mark.parametrize("edit,needle", [
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.qweight", t["model.layers.0.mlp.up_proj.qweight"][:-1]),
      "model.layers.0.mlp.up_proj.qweight"),
-    (lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.scales", t["model.layers.1.self_attn.k_proj.scales"].float()[:, :-1].contiguous()),
+    (lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.scales",
+                             t["model.layers.1.self_attn.k_proj.scales"].float()[:, :-1].contiguous()),
      "model.layers.1.self_attn.k_proj.scales"),
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.qzeros", t["model.layers.0.mlp.up_proj.qzeros"].long()),
      "model.layers.0.mlp.up_proj.qzeros"),

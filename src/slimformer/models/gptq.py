@@ -118,7 +118,8 @@ def parse_quantization_config(qc, where) -> GPTQConfig:
         raise ModelLoadError(f"{where}: quantization_config must be a JSON object")
     bits = _typed(qc, where, "bits", int, required=True)
     if bits not in SUPPORTED_BITS:
-        raise _bad(where, "bits", f"= {bits} is not supported (GPTQ bits we read: {', '.join(map(str, SUPPORTED_BITS))})")
+        raise _bad(where, "bits", f"= {bits} is not supported "
+                   f"(GPTQ bits we read: {', '.join(map(str, SUPPORTED_BITS))})")
     group_size = _typed(qc, where, "group_size", int, required=True)
     if group_size != -1 and not 1 <= group_size <= 1 << 20:
         raise _bad(where, "group_size", f"= {group_size} must be -1 (per channel) or a positive group size")
@@ -292,8 +293,8 @@ def _weight_files(path: Path) -> list[Path]:
                              "which holds what")
     pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
     if pickles:
-        raise UnsafeCheckpointError(f"{path}: a GPTQ checkpoint with only pickle weights ({pickles[0]}); pickle can run "
-                                    "code and is never read: convert it to safetensors")
+        raise UnsafeCheckpointError(f"{path}: a GPTQ checkpoint with only pickle weights ({pickles[0]}); "
+                                    "pickle can run code and is never read: convert it to safetensors")
     raise ModelLoadError(f"{path}: no safetensors weights found")
 
 
