@@ -33,6 +33,8 @@ BUILTIN = (
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",
+    "slimformer.export.hf",
+    "slimformer.export.compressed_tensors",
 )
 
 _loaded = False
