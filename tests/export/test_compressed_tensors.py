@@ -374,3 +374,24 @@ def test_smollm2_compressed_tensors_round_trip(tmp_path):
     torch.testing.assert_close(_logits(_hf_load(out, asymmetric=False), ids), ours, rtol=1e-3, atol=1e-3)
     back, _ = slimformer.load(out)
     assert torch.equal(_logits(back, ids), ours)
+
+
+def test_cli_export_then_eval_and_native_generate_on_the_import(tmp_path):
+    """The CLI writes both formats from a compressed directory; the imported checkpoint
+    runs in eval and in the native engine with the same greedy tokens as the HF engine."""
+    from slimformer.cli import main
+
+    recipe = parse_recipe(f"name: w4\nstages:\n  - {RECIPES['w4-g32-asym']}\n", "w4")
+    api.compress((tiny_model("llama"), tiny_tokenizer()), recipe, tmp_path / "ours", progress=False)
+    for fmt in ("compressed-tensors", "hf"):
+        out = tmp_path / fmt
+        assert main(["--quiet", "export", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)]) == 0
+        assert main(["--quiet", "export", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)]) == 2
+    report = api.evaluate(str(tmp_path / "compressed-tensors"), "pydoc", seqlen=32, windows=2, progress=False)
+    ours = api.evaluate(str(tmp_path / "ours"), "pydoc", seqlen=32, windows=2, progress=False)
+    assert report["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-5)
+    pair = slimformer.load(tmp_path / "compressed-tensors")
+    native = api.generate(pair, "The module", max_new_tokens=8, engine="native", ignore_eos=True)
+    hf = api.generate(pair, "The module", max_new_tokens=8, engine="hf", ignore_eos=True)
+    assert native.engine == "native" and hf.engine == "hf"
+    assert native[0].token_ids == hf[0].token_ids and len(native[0].token_ids) == 8
