@@ -293,7 +293,25 @@ def test_import_refuses_bad_files_in_one_line(tmp_path):
         data = file.read_bytes()
         file.write_bytes(data[: len(data) // 2])
 
+    def drop_norm(file):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(file))
+        del state["model.norm.weight"]
+        state["model.layers.0.self_attn.q_proj.input_scale"] = torch.ones(1)
+        save_file(state, str(file))
+
+    def drop_only_norm(file):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(file))
+        del state["model.norm.weight"]
+        save_file(state, str(file))
+
     cases = [
+        (variant("extra", edit_file=drop_norm), r"model\.safetensors: tensor model\.layers\.0\.self_attn\.q_proj\."
+                                                r"input_scale is not part of a pack-quantized layer"),
+        (variant("missing", edit_file=drop_only_norm), r"model\.safetensors: tensor model\.norm\.weight is missing"),
         (variant("bits", set_bits), r"config\.json: .*weights\.num_bits: 16 is not read"),
         (variant("float", set_float), r"config\.json: .*format: 'float-quantized' is not read"),
         (variant("static", set_static), r"config\.json: .*input_activations: only dynamic"),

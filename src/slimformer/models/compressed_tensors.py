@@ -113,8 +113,9 @@ def _matches(name: str, module: nn.Module, target: str, where: str) -> bool:
     return name == target or any(cls.__name__ == target for cls in type(module).__mro__)
 
 
-def _layer(name: str, module: nn.Linear, scheme: ct.Scheme, tensors: _Tensors, dtype: torch.dtype) -> QuantLinear:
-    """One quantised layer: every tensor's dtype and shape checked, then read."""
+def _check_layer(name: str, module: nn.Linear, scheme: ct.Scheme, tensors: _Tensors) -> tuple[WeightSpec, int]:
+    """Every tensor of one quantised layer: present, of the right dtype and shape (only the
+    two-element ``weight_shape`` is read). Returns the layer's format and its group count."""
     w = scheme.weights
     N, K = module.out_features, module.in_features
     if w.strategy == "group":
@@ -128,7 +129,6 @@ def _layer(name: str, module: nn.Linear, scheme: ct.Scheme, tensors: _Tensors, d
     else:
         spec, scale_shape = WeightSpec(w.num_bits, w.symmetric, "tensor"), (1,)
     groups = scale_shape[1] if len(scale_shape) == 2 else 1
-    offset = 1 << (w.num_bits - 1)
     tensors.check(f"{name}.weight_scale", tuple(_FLOATS), scale_shape)
     if scheme.format == ct.PACK_QUANTIZED:
         tensors.check(f"{name}.weight_packed", ("I32",), (N, ct.packed_words(K, w.num_bits)))
@@ -138,35 +138,42 @@ def _layer(name: str, module: nn.Linear, scheme: ct.Scheme, tensors: _Tensors, d
             raise ModelLoadError(f"{tensors.file(name + '.weight_shape')}: {name}.weight_shape is {stored}, the "
                                  f"model's layer is [{N}, {K}]")
         if not w.symmetric:
-            zp_shape = (ct.packed_words(N, w.num_bits), groups)
-            tensors.check(f"{name}.weight_zero_point", ("I32",), zp_shape)
-        codes = ct.unpack_int32(tensors.get(f"{name}.weight_packed"), w.num_bits, K)
-        zero = None if w.symmetric else ct.unpack_columns(tensors.get(f"{name}.weight_zero_point"), w.num_bits, N)
+            tensors.check(f"{name}.weight_zero_point", ("I32",), (ct.packed_words(N, w.num_bits), groups))
     else:
         tensors.check(f"{name}.weight", ("I8",), (N, K))
         if not w.symmetric:
             tensors.check(f"{name}.weight_zero_point", ("I8",), (N, groups) if len(scale_shape) == 2 else (1,))
+    if module.bias is not None:
+        tensors.check(f"{name}.bias", tuple(_FLOATS), (N,))
+    return spec, groups
+
+
+def _read_layer(name: str, module: nn.Linear, scheme: ct.Scheme, spec: WeightSpec, groups: int, tensors: _Tensors,
+                dtype: torch.dtype) -> QuantLinear:
+    """One checked layer read into a QuantLinear holding the same integers."""
+    N, K = module.out_features, module.in_features
+    bits, offset = spec.bits, 1 << (spec.bits - 1)
+    if scheme.format == ct.PACK_QUANTIZED:
+        codes = ct.unpack_int32(tensors.get(f"{name}.weight_packed"), bits, K)
+        zero = None if spec.symmetric else ct.unpack_columns(tensors.get(f"{name}.weight_zero_point"), bits, N)
+    else:
         q = tensors.get(f"{name}.weight").to(torch.int16)
-        zp = None if w.symmetric else tensors.get(f"{name}.weight_zero_point").to(torch.int16).reshape(-1, groups)
+        zp = None if spec.symmetric else tensors.get(f"{name}.weight_zero_point").to(torch.int16).reshape(-1, groups)
         for label, values in (("weight", q), ("weight_zero_point", zp)):
             if values is not None and values.numel() and (values.min() < -offset or values.max() >= offset):
-                raise ModelLoadError(f"{tensors.file(name + '.weight')}: {name}.{label} holds values outside the "
-                                     f"{w.num_bits}-bit range")
+                raise ModelLoadError(f"{tensors.file(name + '.' + label)}: {name}.{label} holds values outside the "
+                                     f"{bits}-bit range")
         codes = (q + offset).to(torch.uint8)
         zero = None if zp is None else (zp + offset).to(torch.uint8)
     scale = tensors.get(f"{name}.weight_scale").float().reshape(-1, groups)
     if not torch.isfinite(scale).all():
         raise ModelLoadError(f"{tensors.file(name + '.weight_scale')}: {name}.weight_scale is not finite")
+    act = None if scheme.input_activations is None else ActSpec(8, True, "token", True)
     bias = module.bias is not None
-    if bias:
-        tensors.check(f"{name}.bias", tuple(_FLOATS), (N,))
-    act = None
-    if scheme.input_activations is not None:
-        act = ActSpec(8, True, "token", True)
     layer = QuantLinear(K, N, spec, act, bias, dtype)
     layer.set_codes(codes)
     exact_half = torch.equal(scale.half().float(), scale) and torch.isfinite(scale.half()).all()
-    layer.scale = (scale.half() if exact_half else scale).contiguous()
+    layer.scale = (scale.half() if exact_half else scale).contiguous()   # never rounded
     if zero is not None:
         layer.zero = zero.reshape(-1, groups).contiguous()
     if bias:
@@ -212,7 +219,8 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
     if not plan:
         raise ModelLoadError(f"{config_path}: quantization_config targets no linear layer of the model")
 
-    layers = {name: _layer(name, model.get_submodule(name), scheme, tensors, dtype) for name, scheme in plan.items()}
+    # everything checked before any tensor is read
+    checked = {name: _check_layer(name, model.get_submodule(name), scheme, tensors) for name, scheme in plan.items()}
     # the float rest: exactly the tensors transformers' model holds outside the quantised layers
     tied: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -222,14 +230,18 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
         owner, _, field = key.rpartition(".")
         if field not in _FIELDS[plan[owner].format]:
             raise ModelLoadError(f"{tensors.file(key)}: tensor {key} is not part of a {plan[owner].format} layer")
-    float_state = {}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[0] not in plan}
     for key in sorted(set(tensors.info) - quant_keys):
         if key not in shapes:
             raise ModelLoadError(f"{tensors.file(key)}: tensor {key} is not a tensor of the model")
         shape = shapes[key]
         tensors.check(key, tuple(_FLOATS), shape)
-        float_state[key] = tensors.get(key).to(dtype)
+    for names in tied.values():
+        if names[0].rpartition(".")[0] not in plan and not any(n in tensors.info for n in names):
+            raise ModelLoadError(f"{next(iter(tensors.handles))}: tensor {names[0]} is missing")
+    float_state = {key: tensors.get(key).to(dtype) for key in sorted(set(tensors.info) - quant_keys)}
+    layers = {name: _read_layer(name, model.get_submodule(name), plan[name], *checked[name], tensors, dtype)
+              for name in plan}
     for name, layer in layers.items():
         set_module(model, name, layer)
     try:
