@@ -413,3 +413,35 @@ def test_cli_export_then_eval_and_native_generate_on_the_import(tmp_path):
     hf = api.generate(pair, "The module", max_new_tokens=8, engine="hf", ignore_eos=True)
     assert native.engine == "native" and hf.engine == "hf"
     assert native[0].token_ids == hf[0].token_ids and len(native[0].token_ids) == 8
+
+
+def test_mixed_formats_name_their_layers(tmp_path):
+    """Layers of different formats (a HAWQ-like mix, per-tensor scales, 8-bit weight-only)
+    become one config group each, targeting its layers by name; transformers and our reader
+    both compute the same model."""
+    from slimformer.formats.spec import WeightSpec
+
+    model = tiny_model("llama")
+    specs = {"self_attn.q_proj": WeightSpec(4, True, "group", 16), "self_attn.o_proj": WeightSpec(8, True, "channel"),
+             "mlp.up_proj": WeightSpec(4, True, "tensor"), "mlp.down_proj": WeightSpec(3, True, "group", 32)}
+    for block in range(2):
+        for suffix, spec in specs.items():
+            name = f"model.layers.{block}.{suffix}"
+            linear = model.get_submodule(name)
+            set_module(model, name, QuantLinear.from_float(linear.weight.data, None, spec))
+    out = api.export((model, tiny_tokenizer()), tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and len(qc["config_groups"]) == 4
+    targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
+    assert targets == sorted(f"model.layers.{b}.{s}" for b in range(2) for s in specs)
+    assert "model.layers.0.self_attn.k_proj" in qc["ignore"] and "lm_head" in qc["ignore"]
+    ids = _ids()
+    torch.testing.assert_close(_logits(_hf_load(out, asymmetric=False), ids), _logits(model, ids),
+                               rtol=1e-4, atol=1e-5)
+    back, _ = slimformer.load(out)
+    for block in range(2):
+        for suffix, spec in specs.items():
+            layer = back.get_submodule(f"model.layers.{block}.{suffix}")
+            assert isinstance(layer, QuantLinear) and layer.weight_spec == spec
+    assert isinstance(back.model.layers[0].self_attn.k_proj, nn.Linear)
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
