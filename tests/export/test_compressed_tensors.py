@@ -445,3 +445,18 @@ def test_mixed_formats_name_their_layers(tmp_path):
             assert isinstance(layer, QuantLinear) and layer.weight_spec == spec
     assert isinstance(back.model.layers[0].self_attn.k_proj, nn.Linear)
     assert torch.equal(_logits(back, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("recipe", ["magnitude-50", "nm-2-4"])
+def test_hf_export_of_a_pruned_model(recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = api.compress((tiny_model("llama"), tiny_tokenizer()), recipe, None, calib="pydoc", calib_samples=2,
+                         seqlen=32, progress=False).model
+    out = api.export((model, tiny_tokenizer()), tmp_path / "hf", "hf")
+    plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    q = plain.model.layers[0].self_attn.q_proj.weight
+    assert 0.45 < (q == 0).float().mean() < 0.55   # the zeros are kept
+    torch.testing.assert_close(_logits(plain), _logits(model), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ExportError, match="no quantised layer"):
+        api.export((model, tiny_tokenizer()), tmp_path / "ct", "compressed-tensors")
