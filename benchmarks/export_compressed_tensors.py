@@ -52,9 +52,18 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--readback-windows", type=int, default=2)
+    parser.add_argument("--merge", nargs="*", help="combine the JSON files of separate runs (one recipe each)")
     parser.add_argument("--model", default="smollm2-135m", help="a source for slimformer.load (a tiny one: dry run)")
     parser.add_argument("--out", default=str(RESULTS / "export_compressed_tensors.json"))
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+                  "partial": any(part["partial"] for part in parts)}
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM
 
@@ -100,8 +109,15 @@ def main() -> None:
                                                 "groups": {k: {"weights": g["weights"],
                                                                "input_activations": g["input_activations"]}
                                                            for k, g in qc["config_groups"].items()}}
+                # our reader gives back the same integers: the same logits, checked on the first windows
                 back, _ = slimformer.load(out)
-                entry["slimformer_import_perplexity"] = ppl(back, f"{recipe} {fmt} read back by slimformer")
+                with torch.no_grad():
+                    diffs = [(back(input_ids=ids.unsqueeze(0) if ids.dim() == 1 else ids).logits
+                              - ours(input_ids=ids.unsqueeze(0) if ids.dim() == 1 else ids).logits).abs().max().item()
+                             for ids, _ in windows[:args.readback_windows]]
+                entry["slimformer_import_max_logit_diff"] = max(diffs)
+                entry["slimformer_import_windows"] = args.readback_windows
+                print(f"{recipe} read back by slimformer: max logit difference {max(diffs)}", flush=True)
                 del back
             entry["ratio_to_slimformer"] = entry["transformers_perplexity"] / row["slimformer_perplexity"]
             row["formats"][fmt] = entry
