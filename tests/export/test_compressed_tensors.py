@@ -154,6 +154,11 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
         api.export((model, tiny_tokenizer()), tmp_path / "x", "compressed-tensors")
     assert not list(tmp_path.iterdir())
 
+    gpt2 = _compress("w4-g32-sym", family="gpt2")
+    with pytest.raises(ExportError, match=r"^transformer\.h\.0\.attn\.c_attn: transformers' model has a Conv1D there"):
+        api.export((gpt2, tiny_tokenizer()), tmp_path / "x", "compressed-tensors")
+    assert not list(tmp_path.iterdir())
+
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError):
         api.export((_compress("w4-g32-sym"), tiny_tokenizer()), tmp_path / "exists", "compressed-tensors")
@@ -370,6 +375,13 @@ def test_hf_export_outtype_and_encoders(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     with pytest.raises(ExportError, match="--outtype 'int8' is not a type of the hf format"):
         api.export((model, tiny_tokenizer()), tmp_path / "bad", "hf", outtype="int8")
+
+    from transformers import AutoModelForCausalLM
+
+    gpt2 = _compress("w4-g32-sym", family="gpt2")   # Conv1D layers: [in, out] weights
+    out = api.export((gpt2, tiny_tokenizer()), tmp_path / "gpt2", "hf")
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out)).eval()), _logits(gpt2),
+                               rtol=1e-4, atol=1e-5)
 
     bert = _compress("w4-g32-sym", family="bert")
     out = api.export((bert, tiny_tokenizer()), tmp_path / "bert", "hf")
