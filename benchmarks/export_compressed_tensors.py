@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--compressed", help="reuse this compressed directory of the (single) recipe: skip compress")
+    parser.add_argument("--compress-seconds", type=float, help="with --compressed: its measured compress time")
     parser.add_argument("--readback-windows", type=int, default=2)
     parser.add_argument("--merge", nargs="*", help="combine the JSON files of separate runs (one recipe each)")
     parser.add_argument("--model", default="smollm2-135m", help="a source for slimformer.load (a tiny one: dry run)")
@@ -84,11 +86,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="export-ct-"))
     for recipe in args.recipes.split(","):
-        compressed_dir = work / recipe
-        start = time.perf_counter()
-        api.compress((base, tokenizer), recipe, compressed_dir, calib=str(CALIB), calib_samples=args.calib_samples,
-                     seqlen=512, progress=False)
-        compress_seconds = time.perf_counter() - start
+        if args.compressed:
+            compressed_dir, compress_seconds = Path(args.compressed), args.compress_seconds
+            if recipe not in json.loads((compressed_dir / "slimformer.json").read_text())["recipe"]:
+                raise SystemExit(f"{compressed_dir} was not made by {recipe}")
+        else:
+            compressed_dir = work / recipe
+            start = time.perf_counter()
+            api.compress((base, tokenizer), recipe, compressed_dir, calib=str(CALIB),
+                         calib_samples=args.calib_samples, seqlen=512, progress=False)
+            compress_seconds = time.perf_counter() - start
         ours, _ = slimformer.load(compressed_dir)
         row = {"recipe": recipe, "compress_seconds": compress_seconds,
                "slimformer_perplexity": ppl(ours, f"{recipe} slimformer"), "formats": {}}
