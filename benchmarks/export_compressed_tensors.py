@@ -61,7 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        for part in parts:
+            for row in part["rows"]:
+                row.setdefault("wikitext2_windows", part["protocol"]["wikitext2_windows"])
         merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+                  "protocol": {**parts[0]["protocol"],
+                               "wikitext2_windows": sorted({p["protocol"]["wikitext2_windows"] for p in parts})},
                   "partial": any(part["partial"] for part in parts)}
         Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -97,7 +102,7 @@ def main() -> None:
                          calib_samples=args.calib_samples, seqlen=512, progress=False)
             compress_seconds = time.perf_counter() - start
         ours, _ = slimformer.load(compressed_dir)
-        row = {"recipe": recipe, "compress_seconds": compress_seconds,
+        row = {"recipe": recipe, "compress_seconds": compress_seconds, "wikitext2_windows": len(windows),
                "slimformer_perplexity": ppl(ours, f"{recipe} slimformer"), "formats": {}}
         row["formats"]["compressed"] = {"dir_bytes": dir_bytes(compressed_dir),
                                         "weight_bytes": weight_file_bytes(compressed_dir)}

@@ -304,22 +304,23 @@ def export_compressed_tensors_table(payload: dict) -> str:
     lines = [
         f"Export of SmolLM2-135M to other runtimes ({payload['date']}; `benchmarks/export_compressed_tensors.py` → "
         f"`benchmarks/results/export_compressed_tensors.json`): WikiText-2 test perplexity on the same "
-        f"{proto['wikitext2_windows']} × 512-token windows, computed by slimformer on the compressed model and by "
+        f"first N × 512-token windows for every number of a recipe (N in the table), computed by slimformer on the compressed model and by "
         f"transformers {payload['versions']['transformers']} loading each export (compressed-tensors "
         f"{payload['versions']['compressed_tensors']} for that format; `hf`: the dequantised model, no activation "
         f"quantisation). Calibration: {proto['calibration']}. Read back: our reader on the compressed-tensors "
         f"directory, logits against the compressed model on the first windows. Size: all files of the output directory.",
         "",
-        "| recipe | format | slimformer ppl | transformers ppl | ratio | read back by slimformer: max logit diff | export s | MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | N | format | slimformer ppl | transformers ppl | ratio | read back by slimformer: max logit diff | export s | MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
+        n = row.get("wikitext2_windows", proto["wikitext2_windows"])
         ours = row["slimformer_perplexity"]
         comp = row["formats"]["compressed"]
-        lines.append(f"| {row['recipe']} | compressed (ours) | {ours:.2f} | — | — | — | — | {comp['dir_bytes'] / 1e6:.1f} |")
+        lines.append(f"| {row['recipe']} | {n} | compressed (ours) | {ours:.2f} | — | — | — | — | {comp['dir_bytes'] / 1e6:.1f} |")
         for fmt in ("compressed-tensors", "hf"):
             e = row["formats"][fmt]
-            lines.append(f"| {row['recipe']} | {fmt} | {ours:.2f} | {e['transformers_perplexity']:.2f} | "
+            lines.append(f"| {row['recipe']} | {n} | {fmt} | {ours:.2f} | {e['transformers_perplexity']:.2f} | "
                          f"{e['ratio_to_slimformer']:.4f} | {_fmt(e.get('slimformer_import_max_logit_diff'), '.1e')} | "
                          f"{e['export_seconds']:.1f} | {e['dir_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
