@@ -308,7 +308,10 @@ def export_compressed_tensors_table(payload: dict) -> str:
         f"transformers {payload['versions']['transformers']} loading each export (compressed-tensors "
         f"{payload['versions']['compressed_tensors']} for that format; `hf`: the dequantised model, no activation "
         f"quantisation). Calibration: {proto['calibration']}. Read back: our reader on the compressed-tensors "
-        f"directory, logits against the compressed model on the first windows. Size: all files of the output directory.",
+        f"directory, logits against the compressed model on the first windows. Size: all files of the output directory. "
+        "W8A8 in transformers: the package's reference quantises each token's activations by absmax/127.5, slimformer "
+        "(and vLLM's int8 kernels) by absmax/127; the weights are the same integers."
+        + (f" Note: {proto['note']}." if proto.get("note") else ""),
         "",
         "| recipe | N | format | slimformer ppl | transformers ppl | ratio | read back by slimformer: max logit diff | export s | MB |",
         "|---|---|---|---|---|---|---|---|---|",
