@@ -299,12 +299,43 @@ def runtime_before_after_text(payload: dict) -> str:
               "excludes only larger regressions.")
 
 
+def export_compressed_tensors_table(payload: dict) -> str:
+    proto = payload["protocol"]
+    lines = [
+        f"Export of SmolLM2-135M to other runtimes ({payload['date']}; `benchmarks/export_compressed_tensors.py` → "
+        f"`benchmarks/results/export_compressed_tensors.json`): WikiText-2 test perplexity on the same "
+        f"first N × 512-token windows for every number of a recipe (N in the table), computed by slimformer on the compressed model and by "
+        f"transformers {payload['versions']['transformers']} loading each export (compressed-tensors "
+        f"{payload['versions']['compressed_tensors']} for that format; `hf`: the dequantised model, no activation "
+        f"quantisation). Calibration: {proto['calibration']}. Read back: our reader on the compressed-tensors "
+        f"directory, logits against the compressed model on the first windows. Size: all files of the output directory. "
+        "W8A8 in transformers: the package's reference quantises each token's activations by absmax/127.5, slimformer "
+        "(and vLLM's int8 kernels) by absmax/127; the weights are the same integers."
+        + (f" Note: {proto['note']}." if proto.get("note") else ""),
+        "",
+        "| recipe | N | format | slimformer ppl | transformers ppl | ratio | read back by slimformer: max logit diff | export s | MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        n = row.get("wikitext2_windows", proto["wikitext2_windows"])
+        ours = row["slimformer_perplexity"]
+        comp = row["formats"]["compressed"]
+        lines.append(f"| {row['recipe']} | {n} | compressed (ours) | {ours:.2f} | — | — | — | — | {comp['dir_bytes'] / 1e6:.1f} |")
+        for fmt in ("compressed-tensors", "hf"):
+            e = row["formats"][fmt]
+            lines.append(f"| {row['recipe']} | {n} | {fmt} | {ours:.2f} | {e['transformers_perplexity']:.2f} | "
+                         f"{e['ratio_to_slimformer']:.4f} | {_fmt(e.get('slimformer_import_max_logit_diff'), '.1e')} | "
+                         f"{e['export_seconds']:.1f} | {e['dir_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "runtime_before_after.json": runtime_before_after_text,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
-          "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table}
+          "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table,
+          "export_compressed_tensors.json": export_compressed_tensors_table}
 
 
 def render() -> str:

@@ -35,6 +35,8 @@ BUILTIN = (
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",
     "slimformer.export.gptq",
+    "slimformer.export.hf",
+    "slimformer.export.compressed_tensors",
 )
 
 _loaded = False
