@@ -33,6 +33,7 @@ BUILTIN = (
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",
+    "slimformer.export.gguf",
 )
 
 _loaded = False
