@@ -68,17 +68,21 @@ def llama_perplexity(path: Path, windows, threads: int) -> dict:
     start = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
-    nll, count = 0.0, 0
+    per_window = []   # (NLL sum, scored tokens) of each window
     for ids, first in windows:
         llm.reset()
         llm.eval(ids.tolist())
         logits = torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32))
-        logp = torch.log_softmax(logits[first - 1:-1].double(), dim=-1)
+        logp = torch.log_softmax(logits[first - 1:-1].float(), dim=-1)
         targets = ids[first:]
-        nll += -logp.gather(1, targets.unsqueeze(1)).sum().item()
-        count += targets.numel()
+        per_window.append((-logp.gather(1, targets.unsqueeze(1)).sum().item(), targets.numel()))
     del llm
-    return {"perplexity": math.exp(nll / count), "tokens": count, "seconds": time.perf_counter() - start}
+    return {"perplexity": ppl(per_window), "tokens": sum(c for _, c in per_window), "per_window": per_window,
+            "seconds": time.perf_counter() - start}
+
+
+def ppl(per_window) -> float:
+    return math.exp(sum(n for n, _ in per_window) / sum(c for _, c in per_window))
 
 
 def tensor_types(path: Path) -> dict:
@@ -96,7 +100,10 @@ def tensor_types(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--windows", type=int, default=40, help="windows for the llama.cpp comparisons (part b)")
+    parser.add_argument("--agreement-windows", type=int, default=10,
+                        help="windows on which slimformer and llama.cpp are compared for the same model (part a): "
+                             "a paired comparison on the same tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--slimformer-b", action="store_true",
                         help="also slimformer's own perplexity of the GPTQ models (part b compares llama.cpp runs)")
@@ -122,7 +129,8 @@ def main() -> None:
             "protocol": {"data": "WikiText-2 test (wiki.test.raw), first windows of 512 tokens, tokenised by "
                                  "slimformer; the same ids fed to llama.cpp (Llama.eval, logits_all, no BOS), NLL of "
                                  "positions 1..511 computed from its logits",
-                         "windows": args.windows, "threads": args.threads,
+                         "windows": args.windows, "agreement_windows": args.agreement_windows,
+                         "threads": args.threads,
                          "calibration": f"{args.calib_samples} x 512 tokens of wiki.valid.tokens (not the test split)"},
             "versions": {**library_versions(), "llama-cpp-python": llama_cpp.__version__,
                          "llama-cpp-python build": "pip install llama-cpp-python==0.3.36 built from source with "
@@ -146,6 +154,14 @@ def main() -> None:
         return path, {"export_seconds": time.perf_counter() - start, "file_bytes": path.stat().st_size,
                       "tensor_types": tensor_types(path), "outtype": outtype}
 
+    def agreement(model, llama_windows, desc: str) -> dict:
+        """slimformer's and llama.cpp's perplexity of the same model on the first windows."""
+        n = args.agreement_windows
+        mine = perplexity(model, windows[:n], desc=desc)["perplexity"]
+        theirs = ppl(llama_windows[:n])
+        return {"agreement": {"windows": n, "slimformer_perplexity": mine, "llama_cpp_perplexity": theirs,
+                              "relative_difference": theirs / mine - 1}}
+
     def row(name: str, **fields) -> dict:
         r = {"name": name, **fields, "date": time.strftime("%Y-%m-%d %H:%M")}
         rows[name] = r
@@ -157,11 +173,10 @@ def main() -> None:
     f16 = work / "smollm2-f16.gguf"
     if wanted("f16") or not f16.exists():
         path, info = write(base, "smollm2-f16", "f16")
-        ours = perplexity(base, windows, desc="slimformer fp32")["perplexity"]
         theirs = llama_perplexity(path, windows, args.threads)
-        row("f16", part="a", gguf="F16", model="built-in model (fp32 values of its Q4_1 grid) -> F16 file",
-            slimformer_perplexity=ours, llama_cpp_perplexity=theirs["perplexity"],
-            relative_difference=theirs["perplexity"] / ours - 1, llama_cpp_eval_seconds=theirs["seconds"], **info)
+        row("f16", part="a+b", gguf="F16", model="built-in model (fp32 values of its Q4_1 grid) -> F16 file",
+            llama_cpp_perplexity=theirs["perplexity"], llama_cpp_eval_seconds=theirs["seconds"],
+            **agreement(base, theirs["per_window"], "slimformer fp32"), **info)
 
     # ------------------------------------------------------------------ llama.cpp's own quantiser
     def theirs_quantised(qname: str) -> None:
@@ -198,13 +213,13 @@ def main() -> None:
                        calib_samples=args.calib_samples, seqlen=512, progress=False)
         compress_seconds = time.perf_counter() - start
         path, info = write(res.model, f"smollm2-{name}", outtype)
-        theirs = llama_perplexity(path, windows, args.threads)
+        theirs = llama_perplexity(path, windows if part == "b" else windows[:args.agreement_windows], args.threads)
         fields = {}
         if part == "a" or args.slimformer_b:
-            mine = perplexity(res.model, windows, desc=name)["perplexity"]
-            fields = dict(slimformer_perplexity=mine, relative_difference=theirs["perplexity"] / mine - 1)
+            fields = agreement(res.model, theirs["per_window"], name)
         row(name, part=part, gguf=gguf, model=f"{name} (slimformer compress), exported without requantising",
             recipe=rec.text, compress_seconds=compress_seconds, llama_cpp_perplexity=theirs["perplexity"],
+            llama_cpp_windows=len(theirs["per_window"]),
             llama_cpp_eval_seconds=theirs["seconds"], **fields, **info)
         del res
 
@@ -213,10 +228,10 @@ def main() -> None:
     ours("gptq-w4-g32-sym", GPTQ["gptq-w4-g32-sym"], "Q4_0", "b", head_type("Q4_0"), True)
     theirs_quantised("Q4_1")
     ours("gptq-w4-g32-asym", GPTQ["gptq-w4-g32-asym"], "Q4_1", "b", head_type("Q4_1"), True)
-    ours("gptq-w4-g32-sym-noclip", GPTQ["gptq-w4-g32-sym-noclip"], "Q4_0", "b", head_type("Q4_0"), True)
     ours("rtn-w4-g32-sym", RTN["rtn-w4-g32-sym"], "Q4_0", "a", "f16", False)
     ours("rtn-w4-g32-asym", RTN["rtn-w4-g32-asym"], "Q4_1", "a", "f16", False)
     ours("rtn-w8-g32-sym", RTN["rtn-w8-g32-sym"], "Q8_0", "a", "f16", False)
+    ours("gptq-w4-g32-sym-noclip", GPTQ["gptq-w4-g32-sym-noclip"], "Q4_0", "b", head_type("Q4_0"), True)
 
     # ------------------------------------------------------------------ summary
     f16_ppl = rows.get("f16", {}).get("llama_cpp_perplexity")

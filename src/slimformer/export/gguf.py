@@ -576,8 +576,8 @@ def _write_header(writer, model, spec, plan: _Plan, tokenizer_keys: list[tuple],
     for key, value, vtype, sub in tokenizer_keys:
         writer.add_key_value(key, value, vtype, sub)
     writer.add_string("slimformer.version", __version__)
-    writer.add_string("slimformer.source", str(meta.get("source") or getattr(config, "_name_or_path", "") or
-                                               "unknown"))
+    source = meta.get("source") or _source_gguf(model) or getattr(config, "_name_or_path", "") or "unknown"
+    writer.add_string("slimformer.source", str(source))
     if meta.get("recipe"):
         writer.add_string("slimformer.recipe", str(meta["recipe"]))
     writer.add_string("slimformer.outtype", plan.outtype)
