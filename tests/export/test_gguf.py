@@ -147,6 +147,57 @@ def test_tokenizer_metadata_from_the_fast_tokenizer(tmp_path):
     assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
 
 
+def test_an_unknown_pre_tokenizer_is_guessed_warned_and_recorded(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tiny_tokenizer().backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    with pytest.warns(GGUFExportWarning, match="pre-tokenizer"):
+        path = api.export((tiny_model("llama"), tok), tmp_path / "m.gguf", "gguf")
+    _, fields = read(path)
+    assert field(fields, "slimformer.tokenizer_pre_guessed") is True
+    assert field(fields, "tokenizer.ggml.pre") == "gpt-2"
+
+
+class _QuantTable(torch.nn.Embedding):
+    """Stands in for a quantised embedding module (one with ``matrix()``): int8 codes per
+    row; the model computes with their dequantised values."""
+
+    def matrix(self, name: str = ""):
+        return self.table.matrix(name)
+
+
+def test_a_quantised_tied_embedding_is_written_as_its_blocks(tmp_path):
+    from slimformer.formats.spec import WeightSpec
+
+    model = quantised(FITS["w4-g32-sym"][0], seed=5)
+    emb = model.model.embed_tokens
+    table = QuantLinear.from_float(emb.weight.detach(), None, WeightSpec(bits=8, granularity="channel"))
+    quant = _QuantTable(emb.num_embeddings, emb.embedding_dim)
+    quant.weight = torch.nn.Parameter(table.dequantized_weight(), requires_grad=False)
+    quant.table = table
+    model.model.embed_tokens = quant
+    model.lm_head.weight = quant.weight          # tied: the head multiplies with the same table
+    path = export(model, tmp_path / "m.gguf", outtype="f32")
+    tensors, _ = read(path)
+    assert "output.weight" not in tensors
+    t = tensors["token_embd.weight"]
+    assert t.tensor_type.name == "Q8_0"
+    got = read_matrix(t, "embed")
+    assert torch.equal(got.w, table.matrix().w)   # the int8 codes, each row's scale in every block
+    assert torch.equal(got.dequantize(), table.dequantized_weight())
+    loaded, _ = slimformer.load(path)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.forward = m.forward_reference
+    ids = torch.arange(30).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_dense_layers_in_the_outtype(tmp_path):
     model = tiny_model("llama")
     path = export(model, tmp_path / "m.gguf", outtype="q8_0")

@@ -264,15 +264,15 @@ class _Plan:
 def _matrix_of(label: str, module) -> tuple[CompressedMatrix | None, str | None]:
     """``(description, None)``, or ``(None, why not)`` for a compressed module without one,
     or ``(None, None)`` for a plain module (nn.Linear / nn.Embedding)."""
-    if isinstance(module, torch.nn.Linear):
-        return from_dense(label, module.weight, module.bias), None
-    if isinstance(module, torch.nn.Embedding):
-        return from_dense(label, module.weight, None), None
-    if hasattr(module, "matrix"):
+    if hasattr(module, "matrix"):   # a compressed layer or table describes itself
         try:
             return module.matrix(label), None
         except NotNative as exc:
             return None, exc.reason
+    if isinstance(module, torch.nn.Linear):
+        return from_dense(label, module.weight, module.bias), None
+    if isinstance(module, torch.nn.Embedding):
+        return from_dense(label, module.weight, None), None
     return None, None
 
 
