@@ -239,7 +239,8 @@ def test_requantize_writes_gguf_rounding_and_records_it(tmp_path):
         path = api.export((model, tiny_tokenizer()), tmp_path / "m.gguf", "gguf", requantize=True)
     tensors, fields = read(path)
     records = field(fields, "slimformer.requantized")
-    assert len(records) == 14 and records[0].startswith("model.layers.0.self_attn.q_proj: QuantLinear w4-g16-sym -> Q4_0")
+    assert len(records) == 14
+    assert records[0].startswith("model.layers.0.self_attn.q_proj: QuantLinear w4-g16-sym -> Q4_0")
     module = model.model.layers[0].mlp.up_proj
     t = tensors["blk.0.ffn_up.weight"]
     want = gguf.quants.quantize(module.dequantized_weight().numpy(), gguf.GGMLQuantizationType.Q4_0)

@@ -243,6 +243,8 @@ class _Plan:
             weight = _dense_weight(label, module, m)
             if rows is not None and m is None:
                 weight = weight[rows]
+            if weight.shape[-1] % GGUF_BLOCK:   # no block type at all: the nearest is F16
+                target = "F16"
             qtype, data = dense_blocks(weight, target)
             self.requantized.append(f"{label}: {_describe(module, m)} -> {qtype} ({why_not})")
             self.add(tensor, qtype, data)
@@ -294,9 +296,8 @@ def _is_quantised(module, m: CompressedMatrix | None, why_not: str | None) -> bo
 def _dense_weight(label: str, module, m: CompressedMatrix | None) -> torch.Tensor:
     if m is not None:
         return m.dequantize()
-    for get in ("dequantized_weight",):
-        if hasattr(module, get):
-            return getattr(module, get)().float()
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight().float()
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
         return weight.detach().float()
