@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/gguf_export_bench")
     parser.add_argument("--out", default=str(RESULTS / "gguf_export.json"))
     parser.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    parser.add_argument("--merge", default=None,
+                        help="add the rows of another run's JSON (run beside this one) and recompute the summary only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import llama_cpp
@@ -142,6 +144,13 @@ def main() -> None:
 
     def wanted(name: str) -> bool:
         return not only or name in only
+
+    if args.merge:
+        for r in json.loads(Path(args.merge).read_text())["rows"]:
+            rows[r["name"]] = r
+        summarise(rows, result)
+        save()
+        return
 
     base, tokenizer = slimformer.load("smollm2-135m")
     windows = eval_windows(tokenize(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")), tokenizer), 512,
@@ -233,7 +242,12 @@ def main() -> None:
     ours("rtn-w8-g32-sym", RTN["rtn-w8-g32-sym"], "Q8_0", "a", "f16", False)
     ours("gptq-w4-g32-sym-noclip", GPTQ["gptq-w4-g32-sym-noclip"], "Q4_0", "b", head_type("Q4_0"), True)
 
-    # ------------------------------------------------------------------ summary
+    summarise(rows, result)
+    save()
+
+
+def summarise(rows: dict, result: dict) -> None:
+    """The fraction of llama.cpp's own gap to F16 that our file of the same type closes."""
     f16_ppl = rows.get("f16", {}).get("llama_cpp_perplexity")
     summary = {}
     for qname, mine in (("q4_0", "gptq-w4-g32-sym"), ("q4_0", "gptq-w4-g32-sym-noclip"), ("q4_1", "gptq-w4-g32-asym")):
@@ -249,7 +263,6 @@ def main() -> None:
             "bytes": {"llama.cpp": rows[f"llama.cpp-{qname}"]["file_bytes"], "ours": rows[mine]["file_bytes"]},
         }
     result["gap_closed"] = summary
-    save()
 
 
 if __name__ == "__main__":
