@@ -236,6 +236,8 @@ def main() -> None:
     theirs_quantised("Q4_0")
     ours("gptq-w4-g32-sym", GPTQ["gptq-w4-g32-sym"], "Q4_0", "b", head_type("Q4_0"), True)
     theirs_quantised("Q4_1")
+    # RTN with integer zero-points at the same bytes (llama.cpp's Q4_1 rounds a float min per block instead)
+    ours("rtn-w4-g32-asym-q8head", RTN["rtn-w4-g32-asym"], "Q4_1", "b", head_type("Q4_1"), False)
     ours("gptq-w4-g32-asym", GPTQ["gptq-w4-g32-asym"], "Q4_1", "b", head_type("Q4_1"), True)
     ours("rtn-w4-g32-sym", RTN["rtn-w4-g32-sym"], "Q4_0", "a", "f16", False)
     ours("rtn-w4-g32-asym", RTN["rtn-w4-g32-asym"], "Q4_1", "a", "f16", False)
@@ -250,7 +252,8 @@ def summarise(rows: dict, result: dict) -> None:
     """The fraction of llama.cpp's own gap to F16 that our file of the same type closes."""
     f16_ppl = rows.get("f16", {}).get("llama_cpp_perplexity")
     summary = {}
-    for qname, mine in (("q4_0", "gptq-w4-g32-sym"), ("q4_0", "gptq-w4-g32-sym-noclip"), ("q4_1", "gptq-w4-g32-asym")):
+    for qname, mine in (("q4_0", "gptq-w4-g32-sym"), ("q4_0", "gptq-w4-g32-sym-noclip"), ("q4_1", "gptq-w4-g32-asym"),
+                        ("q4_1", "rtn-w4-g32-asym-q8head")):
         theirs = rows.get(f"llama.cpp-{qname}", {}).get("llama_cpp_perplexity")
         ours_ppl = rows.get(mine, {}).get("llama_cpp_perplexity")
         if None in (f16_ppl, theirs, ours_ppl):
