@@ -34,6 +34,7 @@ BUILTIN = (
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",
+    "slimformer.export.gguf",
     "slimformer.export.gptq",
     "slimformer.export.hf",
     "slimformer.export.compressed_tensors",

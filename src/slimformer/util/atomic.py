@@ -12,8 +12,33 @@ from slimformer.errors import OutputExistsError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+    """Refuse an existing output (a directory, or a file for single-file formats such as
+    GGUF) unless ``overwrite``."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        what = "directory" if out.is_dir() else "file"
+        raise OutputExistsError(f"output {what} {out} exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary path next to ``out`` (not yet created); on success it replaces
+    ``out`` by one rename, on failure it is removed (``out`` is left as it was)."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    if out.is_dir() and not out.is_symlink():
+        raise OutputExistsError(f"output {out} is a directory; this format writes one file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private (0600)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _umask() -> int:
