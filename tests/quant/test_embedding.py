@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -68,9 +69,9 @@ def test_codes_are_bit_exact_rtn_and_lookup_dequantises_rows(gs):
 @pytest.mark.parametrize("gs", [None, 32])
 def test_the_table_is_gguf_q8_0(gs):
     emb = QuantEmbedding.from_float(_table(), gs)
-    m = emb.matrix("token_embd")
-    if gs is None:   # one scale per row: Q8_0 blocks with that scale repeated along the row
-        m = m.replace(gs=32, scale=m.scale.repeat_interleave(m.K // 32, dim=1))
+    # per row: Q8_0 blocks with the row's scale repeated (asked for with group_size=32)
+    m = emb.matrix("token_embd", group_size=32)
+    assert m.w.data_ptr() == emb.qweight.data_ptr() and m.gs == 32
     qtype, data = to_gguf_blocks(m)
     assert qtype == "Q8_0"
     back = from_gguf_tensor("token_embd", "Q8_0", data.reshape(-1), m.N, m.K)
@@ -112,6 +113,9 @@ def test_tied_head_shares_the_codes_and_runs_the_int8_kernel():
     with torch.no_grad():
         torch.testing.assert_close(head(x), x @ emb.dequantized_weight().t(), atol=1e-4, rtol=1e-4)
     assert head.runtime_fallback() is None   # per row: the int8 kernel on the embedding's own codes
+    # a copy of the model ties its own head to its own table (compare/compress copy models)
+    twin = copy.deepcopy(model)
+    assert twin.lm_head.embedding is twin.model.embed_tokens and twin.lm_head.embedding is not emb
 
 
 def test_grouped_head_falls_back_to_tiles_and_says_so():
@@ -229,3 +233,39 @@ def test_a_head_without_its_embedding_is_a_load_error():
         head.link(tiny_model("llama"))
     with pytest.raises(ModelLoadError, match="was not linked"):
         head(torch.randn(1, 64))
+
+
+def test_offload_directory_keeps_the_tie(tmp_path):
+    from slimformer.runtime.offload import load_offloaded, save_offloadable
+
+    model = tiny_model("llama")
+    quantize_embeddings(model)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    save_offloadable(model, tmp_path / "off", tiny_tokenizer())
+    loaded, _ = load_offloaded(tmp_path / "off", None)
+    assert loaded.lm_head.embedding is loaded.model.embed_tokens
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_after_gptq_the_stage_costs_no_extra_block_forward():
+    """GPTQ's one-pass forward already gives each next block's inputs; the stage, which
+    changes no block, must not make the runner forward every block again."""
+    from slimformer.core.runner import run_transforms
+    from slimformer.techniques.quant.gptq import GPTQ
+
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    counts, codes = [], []
+    for stages in ([GPTQ(bits=4, granularity="group", group_size=32)],
+                   [GPTQ(bits=4, granularity="group", group_size=32), QuantizeEmbeddings()]):
+        model = tiny_model("llama", seed=4)
+        calls = [0]
+        for block in model.model.layers:
+            block.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        run_transforms(model, stages, calib=calib, progress=False)
+        counts.append(calls[0])
+        codes.append([m.qweight for m in model.modules() if isinstance(m, QuantLinear)])
+    assert counts[0] == counts[1]
+    assert all(torch.equal(a, b) for a, b in zip(*codes))

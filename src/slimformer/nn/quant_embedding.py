@@ -103,11 +103,20 @@ class QuantEmbedding(CompressedModule):
         w = self.qweight.float().reshape(self.num_embeddings, self.groups, self.gs) * self.scale.float()[..., None]
         return w.reshape(self.num_embeddings, self.embedding_dim).to(self.compute_dtype)
 
-    def matrix(self, name: str = "") -> CompressedMatrix:
+    def matrix(self, name: str = "", group_size: int | None = None) -> CompressedMatrix:
         """The table as a ``Q8`` description (``N`` = vocab, ``K`` = hidden): the stored codes
-        and float16 scales themselves, no copy; ``w = code * scale``."""
-        return CompressedMatrix(name or "QuantEmbedding", Q8, self.num_embeddings, self.embedding_dim, self.gs,
+        and float16 scales themselves, no copy; ``w = code * scale``. ``group_size``: the same
+        weights described in groups of that many columns, each scale repeated over the groups
+        it covers (exact; ``group_size=32`` of a per-row table gives GGUF Q8_0 blocks)."""
+        label = name or "QuantEmbedding"
+        desc = CompressedMatrix(label, Q8, self.num_embeddings, self.embedding_dim, self.gs,
                                 self.qweight, self.scale, bits=8, symmetric=True)
+        if group_size is None or group_size == self.gs:
+            return desc
+        if group_size < 1 or self.gs % group_size:
+            raise NotNative(f"{label}: its scales cover {self.gs} columns each, which groups of {group_size} "
+                            "do not divide")
+        return desc.replace(gs=group_size, scale=self.scale.repeat_interleave(self.gs // group_size, dim=1))
 
     def nbytes(self) -> int:
         return self.qweight.numel() + 2 * self.scale.numel()
@@ -227,9 +236,10 @@ class QuantTiedHead(CompressedLinear):
         return y.reshape(*x.shape[:-1], N).to(x.dtype)
 
     # ------------------------------------------------------------------ description
-    def matrix(self, name: str = "") -> CompressedMatrix:
-        """The embedding's ``Q8`` description (the same storage), with this head's bias."""
-        desc = self.embedding.matrix(name or "QuantTiedHead")
+    def matrix(self, name: str = "", group_size: int | None = None) -> CompressedMatrix:
+        """The embedding's ``Q8`` description (the same storage), with this head's bias
+        (``group_size``: see :meth:`QuantEmbedding.matrix`)."""
+        desc = self.embedding.matrix(name or "QuantTiedHead", group_size)
         if desc.K % 16 or desc.gs % 16:
             raise NotNative(f"int8 decode kernels need K={desc.K} and group size {desc.gs} to be multiples of 16")
         if self.bias is not None:

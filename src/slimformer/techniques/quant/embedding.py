@@ -20,7 +20,7 @@ compress result and the saved ``slimformer.json`` ``layers``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch.nn as nn
 
@@ -43,6 +43,7 @@ class QuantizeEmbeddings(Transform):
     granularity: Literal["row", "group"] = "row"
     group_size: int = 32
     enabled: bool = True
+    keeps_block_outputs: ClassVar[bool] = True   # it changes no block (a GPTQ one-pass forward's outputs stay valid)
 
     def __post_init__(self):
         if self.bits != 8:
