@@ -197,7 +197,7 @@ def main() -> None:
             else "minilm-l6 (all-MiniLM-L6-v2, fp32 safetensors)",
             "protocol": ({"seqlen": 512, "wikitext2_windows": args.windows, "agreement_windows": args.agreement_windows,
                           "calibration": f"{args.calib_samples} x 512 tokens of wiki.valid.tokens", "threads": 2,
-                          "quantised": "decoder block linears; tied embedding / LM head fp32",
+                          "quantised": "decoder block linears; the embedding / LM head as each recipe says (the built-in 4- and 8-bit recipes end with QuantizeEmbeddings: int8)",
                           "anchor": ANCHOR} if decoder else
                          {"sentences": "256 held-out lines of wiki.test.raw", "stsb": "test split",
                           "calibration": f"{args.calib_samples} x 128 tokens of wiki.valid.tokens", "threads": 2}),

@@ -27,7 +27,7 @@ def rtn_table(payload: dict) -> str:
         f"RTN on SmolLM2-135M ({payload['date']}; `benchmarks/rtn.py` → `benchmarks/results/rtn_smollm2.json`). "
         f"WikiText-2 test, {payload['protocol']['wikitext2_windows']} × 512 tokens; built-in corpus (pydoc), "
         f"{payload['protocol']['pydoc_windows']} × 512; KL and top-1 agreement against fp32 on "
-        f"{payload['protocol']['agreement_windows']} WikiText-2 windows. Decoder linears quantised; tied embedding / LM head fp32.",
+        f"{payload['protocol']['agreement_windows']} WikiText-2 windows. Quantised: {payload['protocol'].get('quantised', 'decoder block linears')}.",
         "",
         "| recipe | WikiText-2 ppl | Δ vs fp32 | pydoc ppl | KL | top-1 | stored MB | × smaller | compress s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -170,7 +170,8 @@ def ptq_smollm2_table(payload: dict) -> str:
         "Post-training quantisation suite on SmolLM2-135M (`benchmarks/ptq.py` → `benchmarks/results/ptq_smollm2.json`). "
         f"WikiText-2 test, {payload['protocol']['wikitext2_windows']} × 512 tokens; KL and top-1 agreement against fp32 on "
         f"{payload['protocol']['agreement_windows']} windows; calibration {payload['protocol']['calibration']}; stored MB = "
-        "the saved `model.safetensors` (the fp32 tied embedding, 113 MB, included); compress s on 2 threads. "
+        "the saved `model.safetensors`; quantised: " + payload["protocol"].get("quantised", "decoder block linears")
+        + " (an fp32 tied table is 113 MB of it); compress s on 2 threads. "
         f"Anchor: {anchor['tool']}: ppl {anchor['perplexity']} in {anchor['compress_seconds']:.0f} s."
         + (f" {payload['notes']}" if payload.get("notes") else ""),
         "",
@@ -329,13 +330,54 @@ def export_compressed_tensors_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def embedding_head_table(payload: dict) -> str:
+    proto = payload["protocol"]
+    smol = payload.get("smollm2", [])
+    lines = [
+        f"The embedding / LM head as a recipe stage (`QuantizeEmbeddings`, {payload['date']}; "
+        "`benchmarks/embedding_head.py` → `benchmarks/results/embedding_head.json`). SmolLM2-135M, whose "
+        f"tied 49152 × 576 table is the embedding and the LM head: WikiText-2 test, {proto['wikitext2_windows']} × "
+        f"{proto['seqlen']} tokens; KL and top-1 agreement against fp32 on {proto['agreement_windows']} windows; "
+        "stored MB: `model.safetensors`. Table: fp32 (`--set QuantizeEmbeddings.enabled=false`), int8 with one "
+        "fp16 scale per row (the built-in recipes' default) or per 32 columns (GGUF Q8_0 blocks). Native vs HF: "
+        "max |Δ logit| of the native decoder (32 decode steps) against the model's own forward."
+        + (f" {payload['notes']}" if payload.get("notes") else ""),
+        "",
+        "| body | table | WikiText-2 ppl | Δ vs table fp32 | KL | top-1 | stored MB | table MB | native vs HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    off = {r["body"]: r for r in smol if r["table_format"] == "off"}
+    for r in smol:
+        ppl, base = r.get("wikitext2_perplexity"), off.get(r["body"], {}).get("wikitext2_perplexity")
+        delta = "—" if ppl is None or base is None or r["table_format"] == "off" else f"{100 * (ppl / base - 1):+.2f}%"
+        table = next(iter((r.get("table") or {}).values()), None)
+        table_mb = "—" if table is None else f"{table['bytes_before'] / 1e6:.1f} → {table['bytes_after'] / 1e6:.1f}"
+        native = r.get("native_decode_max_abs_logit_diff")
+        lines.append(
+            f"| {r['body']} | {r['table_format']} | {_fmt(ppl, '.3f')} | {delta} | {_fmt(r.get('kl'), '.4f')} | "
+            f"{_percent(r.get('top1_agreement'))} | {r['stored_bytes'] / 1e6:.1f} | {table_mb} | "
+            f"{'—' if native is None else f'{native:.1e}'} |")
+    mini = payload.get("minilm", [])
+    if mini:
+        lines += ["", "all-MiniLM-L6-v2 (its 30522 × 384 word-embedding table; no LM head): "
+                  f"{proto['minilm']}.", "",
+                  "| body | table | embedding cosine (mean / min) | STS-B Spearman | stored MB |", "|---|---|---|---|---|"]
+        for r in mini:
+            cos = r.get("embedding_cosine") or {}
+            lines.append(f"| {r['body']} | {r['table_format']} | {_fmt(cos.get('mean'), '.5f')} / "
+                         f"{_fmt(cos.get('min'), '.4f')} | {_fmt((r.get('stsb') or {}).get('spearman'), '.4f')} | "
+                         f"{r['stored_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "runtime_before_after.json": runtime_before_after_text,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
           "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table,
-          "export_compressed_tensors.json": export_compressed_tensors_table}
+          "export_compressed_tensors.json": export_compressed_tensors_table,
+          "embedding_head.json": embedding_head_table}
 
 
 def render() -> str:

@@ -135,6 +135,12 @@ def compress(model, recipe, out=None, *, calib: str | None = None, calib_samples
     return result
 
 
+def _table_bytes_saved(layers: dict) -> int:
+    """Bytes the QuantizeEmbeddings stage saved (its per-layer ``bytes_before``/``bytes_after``)."""
+    return sum(f["bytes_before"] - f["bytes_after"] for f in layers.values()
+               if isinstance(f, dict) and "bytes_before" in f and "bytes_after" in f)
+
+
 def _check_decoder(model, what: str) -> None:
     if not adapter_for(model).is_decoder:
         raise DataError(f"{what} needs a decoder language model; this model is an encoder")
@@ -309,6 +315,9 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
                    "fallbacks": result.run.fallbacks,
                    **perplexity(result.model, wins, reference=base, progress=progress, desc=recipe.name)}
             row["stored_bytes"] = result.stored_bytes
+            saved = _table_bytes_saved(result.run.layers)
+            if saved:
+                row["embedding_bytes_saved"] = saved
             if speed:
                 row.update(_speed(str(model_dir), new_tokens, speed_repeats))
             if tasks:

@@ -349,6 +349,11 @@ def run(args) -> int:
                               seqlen=args.seqlen, calib_seed=args.calib_seed, overwrite=args.overwrite,
                               progress=progress, inplace=True, source_name=args.model)
         print(f"wrote {result.out} ({_fmt_bytes(result.stored_bytes)}, {result.run.seconds:.1f} s)")
+        for layer, facts in result.run.layers.items():
+            if "bytes_before" in facts and "bytes_after" in facts:   # QuantizeEmbeddings
+                tied = f"; {facts['tied_head']} reads the same codes" if facts.get("tied_head") else ""
+                print(f"{layer}: {facts.get('format')} {_fmt_bytes(facts['bytes_before'])} -> "
+                      f"{_fmt_bytes(facts['bytes_after'])}{tied}")
         for line in result.run.fallbacks:
             print(f"fallback: {line}")
     elif args.command == "eval":

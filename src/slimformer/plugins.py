@@ -14,6 +14,7 @@ import warnings
 
 BUILTIN = (
     "slimformer.nn.quant_linear",
+    "slimformer.nn.quant_embedding",
     "slimformer.nn.sparse",
     "slimformer.nn.gobo",
     "slimformer.nn.int8_outlier",
@@ -31,6 +32,7 @@ BUILTIN = (
     "slimformer.techniques.quant.peg",
     "slimformer.techniques.quant.smoothquant",
     "slimformer.techniques.quant.mixed_precision",
+    "slimformer.techniques.quant.embedding",
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.export.builtin",

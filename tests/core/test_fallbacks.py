@@ -39,7 +39,9 @@ def test_kernels_unavailable_is_recorded_for_every_quantised_layer(monkeypatch):
     with pytest.warns(RuntimeWarning, match="kernels unavailable"):
         result = api.compress(_pair(), "rtn-w8", progress=False)
     n_linears = 7 * len(result.model.model.layers)
-    assert len(result.run.fallbacks) == n_linears
+    # and the tied int8 LM head of the recipe's QuantizeEmbeddings stage
+    assert len(result.run.fallbacks) == n_linears + 1
+    assert result.run.fallbacks[-1].startswith("lm_head: kernels unavailable")
 
 
 def test_the_report_lists_the_fallbacks(tmp_path):

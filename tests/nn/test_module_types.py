@@ -100,6 +100,18 @@ def _hidden_state():
     return HiddenStateQuant(ActGrid(8), "output")
 
 
+def _embedding(group_size=None):
+    from slimformer.nn.quant_embedding import QuantEmbedding
+
+    return QuantEmbedding.from_float(_w(7)[0], group_size)
+
+
+def _tied_head(group_size=None):
+    from slimformer.nn.quant_embedding import QuantTiedHead
+
+    return QuantTiedHead.tie(_embedding(group_size), "model.embed_tokens")
+
+
 # Small instances of every type, several formats each where the native conversion differs.
 EXAMPLES = {
     "QuantLinear": {
@@ -120,6 +132,8 @@ EXAMPLES = {
     "InputScaledLinear": {"linear": lambda: _input_scaled("linear"), "w4": lambda: _input_scaled("w4")},
     "HiddenStateQuant": {"a8": _hidden_state},
     "ActOrderLinear": {"w4-g32-asym": _act_order},   # dense fallback: no native input permutation
+    "QuantEmbedding": {"int8-row": _embedding},
+    "QuantTiedHead": {"int8-row": _tied_head, "int8-g32": lambda: _tied_head(32)},
 }
 
 
@@ -184,6 +198,8 @@ def test_what_each_example_becomes():
         "SparseLinear/csr": "dense", "GOBOLinear/w3-g32": "dense", "Int8OutlierLinear/int8": "refused",
         "PEGLinear/a8-groups": "refused", "InputScaledLinear/linear": "native", "InputScaledLinear/w4": "dense",
         "HiddenStateQuant/a8": "refused", "ActOrderLinear/w4-g32-asym": "dense",
+        "QuantEmbedding/int8-row": "refused",
+        "QuantTiedHead/int8-row": "native", "QuantTiedHead/int8-g32": "native",
     }
 
 
@@ -214,7 +230,7 @@ def test_a_type_without_a_description_fails_the_check():
 
 
 @pytest.mark.parametrize("type_name,fmt", [(t, f) for t, fmts in EXAMPLES.items() for f in fmts
-                                           if t != "HiddenStateQuant"])
+                                           if t not in ("HiddenStateQuant", "QuantEmbedding")])
 def test_shards_add_up_or_are_refused(type_name, fmt):
     module = EXAMPLES[type_name][fmt]()
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(11))

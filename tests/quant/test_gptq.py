@@ -222,7 +222,10 @@ def test_compress_save_and_generate(tmp_path, capsys):
     assert main(["--quiet", "compress", str(src), "--recipe", "gptq-w4-g64", "--out", str(out), "--calib", str(text),
                  "--calib-samples", "8", "--seqlen", "64"]) == 0
     saved = json.loads((out / "slimformer.json").read_text())
-    assert all(m["weight"]["bits"] == 4 for m in saved["modules"].values())
+    quant = [m for m in saved["modules"].values() if m["type"] == "QuantLinear"]
+    assert quant and all(m["weight"]["bits"] == 4 for m in quant)
+    # the recipe's last stage: the tied table to int8, the head reading it
+    assert {m["type"] for m in saved["modules"].values()} == {"QuantLinear", "QuantEmbedding", "QuantTiedHead"}
     result = compress((model, tok), "gptq-w4-g64", calib=str(text), calib_samples=8, seqlen=64, progress=False)
     ids = _calib(2, 16)
     from slimformer.models.load import load

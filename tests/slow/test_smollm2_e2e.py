@@ -31,8 +31,9 @@ def test_compress_save_load_is_identical_and_smaller(smollm2, windows, tmp_path_
     with torch.inference_mode():
         assert torch.equal(result.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
     fp32_bytes = sum(p.numel() * 4 for p in {id(p): p for p in smollm2[0].parameters()}.values())
-    # decoder linears at ~4.5 bits, embedding (28M params) stays fp32
-    assert 0.25 < result.stored_bytes / fp32_bytes < 0.40
+    # decoder linears at ~4.5 bits, the tied embedding / LM head (28M params) int8 (QuantizeEmbeddings);
+    # it was 0.25-0.40 with the table in fp32
+    assert 0.13 < result.stored_bytes / fp32_bytes < 0.20
     meta = json.loads((out / "slimformer.json").read_text())
     assert meta["recipe"].startswith("name: rtn-w4-g64")
 

@@ -188,6 +188,9 @@ def run_transforms(
             outputs = None   # the compressed block's outputs, when the last stage's one-pass forward made them
             for transform in transforms:
                 ctx = BlockContext(model, adapter, index, prefix, states[id(transform)], fallbacks, plan, layer_report)
+                if transform.keeps_block_outputs and transform.requires() is not Needs.CALIBRATION:
+                    transform.convert(block, ctx)
+                    continue
                 outputs = None
                 if transform.requires() is Needs.CALIBRATION:
                     watchers = _watch_finite_inputs(block, ctx)

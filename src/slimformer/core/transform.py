@@ -117,6 +117,9 @@ class Transform:
 
     targets: Targets = Targets()
     needs: ClassVar[Needs] = Needs.NONE
+    # True when ``convert`` changes nothing a block computes (a model-level stage such as
+    # QuantizeEmbeddings): the runner then keeps the block outputs an earlier one-pass stage made.
+    keeps_block_outputs: ClassVar[bool] = False
 
     def requires(self) -> Needs:
         """What this configuration needs (a technique may need data only for some settings)."""

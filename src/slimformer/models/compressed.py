@@ -20,6 +20,7 @@ from slimformer.models.hf import (
     model_class,
     read_compressed_config,
 )
+from slimformer.nn.base import link_modules
 from slimformer.nn.registry import MODULE_TYPES
 from slimformer.nn.surgery import set_module
 from slimformer.util.atomic import atomic_directory
@@ -93,6 +94,7 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
         if cls is None:
             raise ModelLoadError(f"{path}: unknown module type {cfg.get('type')!r} at {name}")
         set_module(model, name, cls.from_config(cfg, dtype))
+    link_modules(model)   # e.g. a tied int8 LM head to its embedding's codes (stored once, under the embedding)
     # Tied parameters (embedding / LM head) are one object under several names; the
     # file holds them once, so the other names are pointed at the loaded tensor.
     tied: dict[int, list[str]] = {}

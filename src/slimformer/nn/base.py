@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from slimformer.formats.matrix import CompressedMatrix, NotNative
 
-__all__ = ["CompressedModule", "CompressedLinear", "NotNative", "warn_once", "dense_linear"]
+__all__ = ["CompressedModule", "CompressedLinear", "NotNative", "warn_once", "dense_linear", "link_modules"]
 
 _WARNED: set = set()
 
@@ -65,6 +65,10 @@ class CompressedModule(nn.Module):
     def drop_runtime(self) -> None:
         """Forget whatever was built from the buffers (default: nothing is)."""
 
+    def link(self, model: nn.Module) -> None:
+        """Resolve references to other modules of ``model`` (a tied LM head to its embedding),
+        once a loader has put every saved module in place (default: there are none)."""
+
     def runtime_fallback(self) -> str | None:
         """Why this module will run a slower path than its format asked for (None: it will
         not), known before it runs: what the runner records after compressing."""
@@ -84,6 +88,14 @@ class CompressedModule(nn.Module):
     def _apply(self, fn, recurse=True):
         self.drop_runtime()   # .to()/.half() moved or cast the buffers the caches came from
         return super()._apply(fn, recurse)
+
+
+def link_modules(model: nn.Module) -> None:
+    """Call :meth:`CompressedModule.link` on every compressed module of ``model``: what a
+    loader does after rebuilding the saved modules from their configs."""
+    for module in model.modules():
+        if isinstance(module, CompressedModule):
+            module.link(model)
 
 
 class CompressedLinear(CompressedModule):

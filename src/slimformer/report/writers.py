@@ -121,6 +121,8 @@ def _columns(rows: list[dict]) -> list[_Column]:
         _Column("peak RSS MB", lambda r: _fixed(r.get("peak_rss_bytes"), 0, 1e-6)),
         _Column("compress s", lambda r: _fixed(r.get("compress_seconds"), 2)),
     ]
+    if any(r.get("embedding_bytes_saved") for r in rows):   # the QuantizeEmbeddings stage
+        cols.append(_Column("embedding MB saved", lambda r: _fixed(r.get("embedding_bytes_saved"), 1, 1e-6)))
     # One column per (task, metric) seen in any row, in order of first appearance;
     # "n" is a sample count, not a metric (it stays in report.json).
     seen: dict[tuple[str, str], None] = {}

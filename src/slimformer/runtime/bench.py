@@ -55,8 +55,9 @@ def hf_timed(model, name: str = "hf eager fp32") -> Timed:
                        pad_token_id=0)
 
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    emb = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    emb = getattr(model.get_input_embeddings(), "weight", None)   # None: an int8 QuantEmbedding (no Parameter)
+    head = model.get_output_embeddings()
+    tied = emb is None or (head is not None and getattr(head, "weight", None) is emb)
     read = weights - (0 if tied else emb.numel() * emb.element_size())  # the embedding is looked up, not read
     return Timed(name, run, read, {"engine": "transformers eager"})
 
@@ -119,8 +120,10 @@ def dequantised_counterpart(model, decoder: NativeDecoder):
     the runtime rounded itself is replaced by its dequantised weight. Changes ``model``."""
     from slimformer.nn.quant_linear import QuantLinear
 
+    from slimformer.nn.quant_embedding import QuantTiedHead
+
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantTiedHead)):
             m.forward = m.forward_reference
     head = model.get_output_embeddings()
     if head is not None and decoder.lm_head.kind != 0 and isinstance(head, torch.nn.Linear):

@@ -23,6 +23,7 @@ from slimformer.errors import SlimformerError, UnsupportedArchitectureError
 from slimformer.kernels._build import disabled as kernels_disabled
 from slimformer.kernels.abi import CLayer, CLinear, CModel, CScratch
 from slimformer.models.adapters.base import DecoderSpec, adapter_for
+from slimformer.nn.quant_embedding import QuantEmbedding
 from slimformer.runtime import weights as W
 from slimformer.runtime.weights import RtLinear
 
@@ -185,7 +186,10 @@ class NativeDecoder:
             ))
         emb_module = model.get_submodule(adapter.embed_tokens)
         head_module = model.get_submodule(adapter.lm_head) if adapter.lm_head else None
-        tied = head_module is not None and getattr(head_module, "weight", None) is emb_module.weight
+        emb_weight = getattr(emb_module, "weight", None)
+        # tied: one table (a dense Parameter shared by both, or an int8 head reading the embedding's codes)
+        tied = head_module is not None and (getattr(head_module, "embedding", None) is emb_module or (
+            emb_weight is not None and getattr(head_module, "weight", None) is emb_weight))
         if "lm_head" in gguf:
             lm_head = gguf["lm_head"]
         elif tied and "embed_tokens" in gguf:
@@ -199,6 +203,8 @@ class NativeDecoder:
             embed = gguf["embed_tokens"]
         elif tied and not rounded_here and lm_head.kind in (W.F32, W.Q8):
             embed = lm_head  # one copy of the tied table: rows looked up, the same bytes multiplied
+        elif isinstance(emb_module, QuantEmbedding):
+            embed = emb_module.matrix("embed_tokens")   # Q8 rows, looked up (the decoder dequantises them)
         else:
             embed = W.from_dense("embed_tokens", emb_module.weight, None)
         rotary = model.get_submodule(adapter.rotary)

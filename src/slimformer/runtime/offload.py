@@ -40,7 +40,7 @@ from slimformer.models.hf import (
     model_class,
     read_compressed_config,
 )
-from slimformer.nn.base import CompressedModule
+from slimformer.nn.base import CompressedModule, link_modules
 from slimformer.nn.surgery import set_module
 from slimformer.util.atomic import atomic_directory
 
@@ -412,6 +412,7 @@ def _skeleton(directory: Path, meta: dict, dtype: torch.dtype):
         # All their buffers are stored, so none is allocated here (they are per block).
         with init_empty_weights(include_buffers=True):
             set_module(model, name, module_cls.from_config(cfg, dtype))
+    link_modules(model)
     return model
 
 

@@ -263,7 +263,7 @@ def padfree_encode(model: nn.Module, packed: PackedBatch, attention: AttentionKi
         raise DataError(f"unknown attention strategy {attention!r} (choose one of {', '.join(ATTENTION_KINDS)})")
     _check_fits(base, packed)
     emb = base.embeddings
-    device = emb.word_embeddings.weight.device
+    device = emb.position_embeddings.weight.device   # (word_embeddings may be an int8 QuantEmbedding)
     packed = packed.to(device)
 
     # Same order of additions as BertEmbeddings.forward: word + type, then + position.
