@@ -18,8 +18,9 @@ layer is written as that layer with the scale folded into its columns (exact). R
 one line naming the first module: static or non-int8 activation quantisation, a
 per-tensor asymmetric weight, an input scale in front of a quantised layer, LLM.int8 /
 PEG / hidden-state quantisation, and a quantised layer that is not an ``nn.Linear`` in
-transformers' model (GPT-2's ``Conv1D``). Other weight-only modules (sparse, GOBO) are
-written as their dense weights with a warning and recorded.
+transformers' model (GPT-2's ``Conv1D``). Other weight-only modules (sparse, GOBO, the int8
+embedding table of ``QuantizeEmbeddings`` and its tied head) are written as their dense
+weights with a warning and recorded.
 
 The scales are stored in the model's float dtype when it holds our float16 scales
 exactly (float32, float16), else float32. What the export came from is recorded in
@@ -52,6 +53,7 @@ from slimformer.export.hf import (
 from slimformer.formats import compressed_tensors as ct
 from slimformer.nn.base import CompressedLinear
 from slimformer.nn.input_scaled import InputScaledLinear
+from slimformer.nn.quant_embedding import QuantEmbedding
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.util.atomic import atomic_directory
 
@@ -133,6 +135,9 @@ def write_compressed_tensors(model, tokenizer, out: Path, *, overwrite: bool = F
                                   "compressed-tensors cannot scale the input of a quantised layer (SmoothQuant "
                                   "with fold: norm exports)")
             why = None   # the scale folded into a float weight: exact
+        elif isinstance(module, QuantEmbedding):
+            why = ("int8 embedding table: compressed-tensors quantises Linear layers, so the table (and a tied "
+                   "LM head) is written dequantised")
         elif isinstance(module, CompressedLinear) and module.dense_equivalent:
             why = (f"{type(module).__name__} has no compressed-tensors form: written as its dense weight "
                    "(same output, no compression)")

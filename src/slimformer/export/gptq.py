@@ -14,6 +14,7 @@ module types are refused naming the first such layer.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from slimformer.export import register_exporter
 from slimformer.models.gptq import SUPPORTED_BITS, pack_along_rows, write_zeros
 from slimformer.nn.act_order import ActOrderLinear
 from slimformer.nn.base import CompressedModule
+from slimformer.nn.quant_embedding import QuantEmbedding, QuantTiedHead
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.util.atomic import atomic_directory
 
@@ -85,11 +87,16 @@ def write_gptq(model, tokenizer, out: Path, *, overwrite: bool = False) -> Path:
     from slimformer._version import __version__
 
     quantised: dict[str, nn.Module] = {}
+    table: tuple[str, QuantEmbedding] | None = None
     for name, module in model.named_modules():
         if any(name.startswith(done + ".") for done in quantised):
             continue
         if isinstance(module, (QuantLinear, ActOrderLinear)):
             quantised[name] = module
+        elif isinstance(module, QuantEmbedding):
+            table = (name, module)
+        elif isinstance(module, QuantTiedHead):
+            continue   # reads the table's codes; GPTQ checkpoints tie by config (stored once)
         elif isinstance(module, CompressedModule):
             raise ExportError(f"layer {name}: a {type(module).__name__}, which a GPTQ checkpoint cannot hold "
                               "(only QuantLinear weights of 2/3/4/8 bits)")
@@ -110,9 +117,15 @@ def write_gptq(model, tokenizer, out: Path, *, overwrite: bool = False) -> Path:
         all_symmetric &= symmetric
         tensors.update({f"{name}.{key}": value for key, value in layer.items()})
     seen: set[tuple[int, int]] = set()
+    dense_table = None
+    if table is not None:
+        dense_table = table[0]
+        tensors[f"{table[0]}.weight"] = table[1].dequantized_weight().detach().contiguous()
+        warnings.warn(f"gptq export: {table[0]} (int8 embedding table) written dequantised: a GPTQ checkpoint "
+                      "quantises Linear layers only", RuntimeWarning, stacklevel=2)
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if owner in quantised or any(owner.startswith(q + ".") for q in quantised):
+        if owner in quantised or any(owner.startswith(q + ".") for q in quantised) or owner == dense_table:
             continue
         ident = (value.untyped_storage().data_ptr(), value.storage_offset())
         if ident in seen:   # tied (embedding / head): stored once, as transformers does
@@ -132,7 +145,8 @@ def write_gptq(model, tokenizer, out: Path, *, overwrite: bool = False) -> Path:
         "lm_head": "lm_head" in quantised,
         "true_sequential": True,
         "static_groups": False,
-        "meta": {"quantizer": [f"slimformer:{__version__}"], "source": meta.get("source")},
+        "meta": {"quantizer": [f"slimformer:{__version__}"], "source": meta.get("source"),
+                 "written_dense": [] if dense_table is None else [dense_table]},
     }
     with atomic_directory(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)

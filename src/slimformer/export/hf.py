@@ -82,6 +82,8 @@ def original_module(skel: nn.Module, name: str) -> nn.Module | None:
 def dense_weight(name: str, module: CompressedModule, original: nn.Module | None) -> dict[str, torch.Tensor]:
     """The tensors transformers' module at ``name`` holds for ``module`` dequantised
     (``weight`` in its own layout, ``bias``); ExportError when there is no such module."""
+    if isinstance(original, nn.Embedding) and hasattr(module, "dequantized_weight"):   # QuantEmbedding
+        return {"weight": module.dequantized_weight().detach().contiguous()}
     if not isinstance(module, CompressedLinear) or original is None:
         raise ExportError(f"{name}: a {type(module).__name__} is not a layer of transformers' model, so no plain "
                           "checkpoint holds it")
@@ -99,10 +101,15 @@ def dense_weight(name: str, module: CompressedModule, original: nn.Module | None
 
 
 def tied_head(model: nn.Module) -> str | None:
-    """The LM head's weight name when it is the input embedding's tensor (tied), else None."""
+    """The LM head's weight name when it is the input embedding's tensor (tied), or reads
+    the quantised embedding's codes (``QuantTiedHead``), else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+    if head is None or embed is None:
+        return None
+    head_weight = getattr(head, "weight", None)
+    shares_tensor = head_weight is not None and head_weight is getattr(embed, "weight", None)
+    if not shares_tensor and getattr(head, "embedding", None) is not embed:
         return None
     for name, module in model.named_modules():
         if module is head:
