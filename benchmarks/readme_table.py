@@ -330,6 +330,43 @@ def export_compressed_tensors_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def gguf_export_table(payload: dict) -> str:
+    proto, versions = payload["protocol"], payload["versions"]
+    rows = payload["rows"]
+    lines = [
+        f"GGUF export read by llama.cpp (`benchmarks/gguf_export.py` → `benchmarks/results/gguf_export.json`; "
+        f"llama-cpp-python {versions['llama-cpp-python']}: {versions['llama-cpp-python build']}). Model: "
+        f"{payload['model']}. {proto['data']}. (a) the same model in slimformer and in llama.cpp, on "
+        f"{proto['agreement_windows']} windows (paired, same tokens): llama.cpp multiplies Q4/Q8 blocks with "
+        "activations rounded to 8 bits, slimformer with fp32 activations.",
+        "",
+        "| file | slimformer ppl | llama.cpp ppl | difference |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        a = r.get("agreement")
+        if a:
+            lines.append(f"| {r['name']} ({r['gguf'] if 'gguf' in r else ''}) | {a['slimformer_perplexity']:.3f} | "
+                         f"{a['llama_cpp_perplexity']:.3f} | {100 * a['relative_difference']:+.3f}% |")
+    lines += ["", f"(b) llama.cpp's own quantiser (`llama_model_quantize` from our F16 export) against our GPTQ "
+              f"exported to the same block types, llama.cpp perplexity on {proto['windows']} windows; calibration: "
+              f"{proto['calibration']}; export seconds on a shared machine.", "",
+              "| file | how it was made | llama.cpp ppl | bytes | export s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "b" in r["part"]:
+            lines.append(f"| {r['name']} | {r.get('model', '')} | {r['llama_cpp_perplexity']:.3f} | "
+                         f"{r['file_bytes']:,} | {_fmt(r.get('export_seconds'), '.1f')} |")
+    for name, gap in payload.get("gap_closed", {}).items():
+        lines.append("")
+        meaningful = gap["llama.cpp_gap_to_f16"] > 0.01 * gap["f16"]   # else llama.cpp's file is the source grid
+        verdict = (f"ours closes {100 * gap['fraction_of_gap_closed']:.1f}% of llama.cpp's gap to F16" if meaningful
+                   else "llama.cpp's gap to F16 is the float16 rounding of the source grid: no gap to close (notes)")
+        lines.append(f"{name}: F16 {gap['f16']:.3f}, llama.cpp {gap['llama.cpp']:.3f}, ours {gap['ours']:.3f} "
+                     f"(bytes {gap['bytes']['llama.cpp']:,} / {gap['bytes']['ours']:,}): {verdict}.")
+    lines += ["", "Notes: " + " ".join(payload.get("notes", []))]
+    return "\n".join(lines)
+
+
 def embedding_head_table(payload: dict) -> str:
     proto = payload["protocol"]
     smol = payload.get("smollm2", [])
@@ -377,7 +414,7 @@ TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
           "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table,
           "export_compressed_tensors.json": export_compressed_tensors_table,
-          "embedding_head.json": embedding_head_table}
+          "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table}
 
 
 def render() -> str:
