@@ -264,6 +264,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
     model.slimformer_meta = {
         "source": str(path),
         "recipe": None,
+        "imported_from": "compressed-tensors",   # its own files count as its stored size
         "imported": {"format": "compressed-tensors", "version": raw["quantization_config"].get("version")},
         "modules": {name: layer.config() for name, layer in layers.items()},
     }
