@@ -126,6 +126,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise ModelLoadError(f"GGUF file not found: {path}")
     if not _is_gguf(path):
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic number)")
+    from slimformer.formats.gguf_check import check_gguf
+
+    check_gguf(path)   # sizes, offsets, counts and types, before transformers' reader maps anything
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # corrupt header, unknown GGUF architecture

@@ -1,0 +1,789 @@
+"""Fuzzing every file reader slimformer owns with mutated files.
+
+    python benchmarks/fuzz_readers.py [--cases 100000] [--seed 0] [--out benchmarks/results/fuzz_readers.json]
+
+Seed files are generated first (a small GGUF written with ``gguf.GGUFWriter``, safetensors
+files, a compressed directory of a tiny random Llama from ``save_compressed``, an
+offloadable directory from ``save_offloadable``, the built-in recipe YAML files). Each case
+takes one target's seed, applies 1-3 mutations drawn from a seeded RNG (bit flips, byte
+overwrites with interesting values, 2/4/8-byte integers set to boundary values, truncation,
+extension, chunk deletion/duplication; and format-aware ones aimed at what readers trust:
+GGUF count/length/dim/offset fields (positions from ``check_gguf(record_fields=True)``),
+the safetensors header length, shapes, dtypes and offsets, JSON values of
+``slimformer.json``/``offload.json``/``config.json``, recipe names, numbers, anchors and
+nesting) and runs the target's reader in a worker process.
+
+A case passes when the reader succeeds or raises a :class:`SlimformerError` (our one-line
+errors). Anything else is a finding: another exception, the worker dying (a crash in C:
+the worker runs with faulthandler and is restarted), a case running past ``--timeout``, or
+Python-level memory (tracemalloc peak, numpy included) above 16 MiB + 32x the case's
+input bytes. The mutated input of every finding is kept under ``--findings`` to reproduce
+it (``--replay TARGET CASE_SEED``).
+
+Adding a reader is one :func:`target` entry: a seed builder and a reader function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MEMORY_SLACK = 16 << 20
+MEMORY_PER_BYTE = 32
+
+
+# ----------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    name: str
+    make_seed: Callable[[Path], Path]          # writes the seed file or directory under the given dir
+    read: Callable[[Path], object]             # the reader: returns, or raises SlimformerError
+    weight: float                              # share of the cases
+    files: tuple[str, ...] = ()                # for a directory seed: the files mutated (one per case)
+    description: str = ""
+    per_file: bool = False                     # a directory of alternative seed files: the reader gets one
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def target(name: str, weight: float, files: tuple[str, ...] = (), description: str = "", per_file: bool = False):
+    """Decorator on the reader: ``@target("gguf", 0.3)`` over ``def read(path)``, with its
+    seed builder attached as ``read.seed = builder`` or passed through :func:`seeded`."""
+    def wrap(read):
+        TARGETS[name] = Target(name, read.seed_builder, read, weight, files, description or (read.__doc__ or "").strip(),
+                               per_file)
+        return read
+    return wrap
+
+
+def seeded(builder):
+    def wrap(read):
+        read.seed_builder = builder
+        return read
+    return wrap
+
+
+# --- seed builders (each runs once per fuzz run)
+
+def _tiny_llama_parts():
+    import torch
+
+    from slimformer.models.tiny import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    return tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
+
+
+def _compressed_seed(root: Path) -> Path:
+    import slimformer.api as api
+
+    model, tok = _tiny_llama_parts()
+    out = root / "compressed"
+    api.compress((model, tok), "rtn-w4-g32", out, progress=False, overwrite=True)
+    return out
+
+
+def _offload_seed(root: Path) -> Path:
+    import slimformer.api as api
+    from slimformer.models.compressed import load_compressed
+    from slimformer.runtime.offload import save_offloadable
+
+    model, tok = _tiny_llama_parts()
+    api.compress((model, tok), "rtn-w4-g32", root / "offload-src", progress=False, overwrite=True)
+    quantised, _ = load_compressed(root / "offload-src")
+    out = root / "offload"
+    save_offloadable(quantised, out)   # no tokenizer: the reader under test is the weights'
+    return out
+
+
+def _gguf_seed(root: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    from slimformer.formats.gguf import BLOCK_BYTES
+
+    path = root / "seed.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_uint32("llama.embedding_length", 64)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_string("general.name", "fuzz seed")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(24)])
+    w.add_array("tokenizer.ggml.scores", [float(i) for i in range(24)])
+    w.add_array("tokenizer.ggml.token_type", [1] * 24)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((24, 64)).astype(np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(64, dtype=np.float16))
+    for name, qtype in (("attn_q", "Q8_0"), ("attn_k", "Q4_0"), ("attn_v", "Q4_1")):
+        blocks = rng.integers(0, 256, (32, 64 // 32, BLOCK_BYTES[qtype]), dtype=np.uint8)
+        blocks[..., 0:2] = np.array([0.01], dtype=np.float16).view(np.uint8)     # finite fp16 scales
+        if qtype == "Q4_1":
+            blocks[..., 2:4] = np.array([-0.05], dtype=np.float16).view(np.uint8)
+        w.add_tensor(f"blk.0.{name}.weight", blocks.reshape(32, -1), raw_dtype=gguf.GGMLQuantizationType[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _safetensors_seed(root: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    path = root / "seed.safetensors"
+    save_file({"a.weight": torch.randn(8, 16, generator=g), "a.bias": torch.zeros(8, dtype=torch.float16),
+               "b.qweight": torch.randint(0, 255, (8, 8), dtype=torch.uint8, generator=g),
+               "b.scale": torch.ones(8, 1, dtype=torch.bfloat16), "c.index": torch.arange(5, dtype=torch.int64),
+               "empty": torch.zeros(0, 4)}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _recipe_seed(root: Path) -> Path:
+    from slimformer.recipes.schema import builtin_recipes
+
+    out = root / "recipes"
+    out.mkdir()
+    texts = builtin_recipes()
+    for name in ("rtn-w4-g32", "gptq-w4-g64", "smoothquant-w8a8", "gmp-50", "hawq-4.5", "nm-2-4-permuted"):
+        (out / f"{name}.yaml").write_text(texts[name])
+    return out
+
+
+# --- readers (what each case runs)
+
+def _touch(tensor) -> None:
+    """Read every byte (faults mmap pages in: a bad offset crashes here if anywhere)."""
+    import torch
+
+    if tensor.numel():
+        tensor.reshape(-1).view(torch.uint8).sum() if tensor.dtype != torch.bool else tensor.sum()
+
+
+@target("gguf", 0.28, description="check_gguf, then gguf.GGUFReader and from_gguf_tensor on every matrix "
+                                  "(what models/load.py and the native decoder do before reading GGUF)")
+@seeded(_gguf_seed)
+def read_gguf(path: Path):
+    import gguf
+    import numpy as np
+
+    from slimformer.formats.gguf import from_gguf_tensor
+    from slimformer.formats.gguf_check import check_gguf
+
+    layout = check_gguf(path)
+    reader = gguf.GGUFReader(str(path))
+    assert len(reader.tensors) == len(layout.tensors)
+    for field in reader.fields.values():
+        field.contents() if hasattr(field, "contents") else None
+    for t in reader.tensors:
+        np.asarray(t.data).view(np.uint8).sum()
+        if len(t.shape) == 2 and t.tensor_type.name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"):
+            K, N = int(t.shape[0]), int(t.shape[1])
+            from_gguf_tensor(t.name, t.tensor_type.name, t.data, N, K)
+    return layout
+
+
+@target("safetensors", 0.22, description="check_safetensors, then safetensors' safe_open and every tensor read")
+@seeded(_safetensors_seed)
+def read_safetensors(path: Path):
+    from safetensors import safe_open
+
+    from slimformer.formats.safetensors_check import check_safetensors
+
+    header = check_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(header.tensors)
+        for key in f.keys():
+            _touch(f.get_tensor(key))
+    return header
+
+
+@target("compressed-check", 0.16, files=("slimformer.json", "config.json", "model.safetensors"),
+        description="check_compressed_dir: slimformer.json schema, registered types, module sizes vs the "
+                    "safetensors header, config.json bounds")
+@seeded(_compressed_seed)
+def read_compressed_check(path: Path):
+    from slimformer.models.validate import check_compressed_dir
+
+    return check_compressed_dir(path)
+
+
+@target("offload-index", 0.10, files=("offload.json", "config.json", "block_0000.safetensors", "rest.safetensors"),
+        description="the offload loader's index: offload.json schema, file names, every header, modules vs headers")
+@seeded(_offload_seed)
+def read_offload_index(path: Path):
+    from slimformer.models.validate import check_model_config
+    from slimformer.runtime.offload import _index
+
+    index, meta, dtype, headers = _index(path)
+    check_model_config(path, headers)
+    return len(index)
+
+
+@target("recipe", 0.18, description="load_recipe of a YAML file (size limit, typed schema, safe name)", per_file=True)
+@seeded(_recipe_seed)
+def read_recipe(path: Path):
+    from slimformer.recipes.schema import load_recipe
+
+    return load_recipe(str(path))
+
+
+@target("compressed-load", 0.03, files=("slimformer.json", "config.json", "model.safetensors"),
+        description="full load_compressed and a 4-token forward (the native kernels run on what was bound)")
+@seeded(_compressed_seed)
+def read_compressed_load(path: Path):
+    import torch
+
+    from slimformer.models.compressed import load_compressed
+
+    model, _ = load_compressed(path)
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 2]]))
+    return model
+
+
+@target("offload-load", 0.03, files=("offload.json", "config.json", "block_0000.safetensors", "rest.safetensors"),
+        description="full load_offloaded and a 4-token forward (blocks bound from the files, kernels run)")
+@seeded(_offload_seed)
+def read_offload_load(path: Path):
+    import torch
+
+    from slimformer.runtime.offload import load_offloaded
+
+    model, _ = load_offloaded(path, None, prefetch=False)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 5, 9, 2]]))
+    finally:
+        model.slimformer_offload.close()
+    return model
+
+
+# ----------------------------------------------------------------------------- mutators
+
+INTERESTING_8 = [0, 1, 0x7F, 0x80, 0xFF, 0x20, 0x30]
+INTERESTING_INTS = [0, 1, 2, 3, 4, 7, 8, 16, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536,
+                    2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**48, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def _mutate_bytes(data: bytearray, rng: random.Random) -> bytearray:
+    op = rng.randrange(9)
+    n = len(data)
+    if n == 0:
+        return bytearray(rng.randbytes(rng.randrange(1, 64)))
+    if op == 0:                                    # bit flips
+        for _ in range(rng.randrange(1, 9)):
+            i = rng.randrange(n)
+            data[i] ^= 1 << rng.randrange(8)
+    elif op == 1:                                  # interesting bytes
+        for _ in range(rng.randrange(1, 5)):
+            data[rng.randrange(n)] = rng.choice(INTERESTING_8)
+    elif op == 2:                                  # interesting 2/4/8-byte integers, either byte order
+        width = rng.choice((2, 4, 8))
+        if n >= width:
+            i = rng.randrange(n - width + 1)
+            value = rng.choice(INTERESTING_INTS + [n, n - 1, n + 1, i]) % (1 << (8 * width))
+            data[i:i + width] = value.to_bytes(width, rng.choice(("little", "big")))
+    elif op == 3:                                  # truncate
+        del data[rng.randrange(n):]
+    elif op == 4:                                  # extend
+        data += rng.choice((bytes(rng.randrange(1, 4096)), rng.randbytes(rng.randrange(1, 256))))
+    elif op == 5:                                  # delete a chunk
+        i = rng.randrange(n)
+        del data[i:i + rng.randrange(1, 64)]
+    elif op == 6:                                  # duplicate a chunk
+        i = rng.randrange(n)
+        data[i:i] = data[i:i + rng.randrange(1, 64)]
+    elif op == 7:                                  # random bytes
+        i = rng.randrange(n)
+        k = rng.randrange(1, 32)
+        data[i:i + k] = rng.randbytes(k)
+    else:                                          # swap two chunks
+        i, j = sorted(rng.randrange(n) for _ in range(2))
+        k = rng.randrange(1, 16)
+        a, b = bytes(data[i:i + k]), bytes(data[j:j + k])
+        data[j:j + len(b)] = a[:len(b)]
+        data[i:i + len(a)] = b[:len(a)]
+    return data
+
+
+def _interesting_value(rng: random.Random, old):
+    choices = [0, 1, -1, 2, 3, 31, 32, 33, 64, 2**31, 2**32 - 1, 2**40, 2**53, 2**63, -2**63, 10**30,
+               0.5, 1e308, float("inf") if rng.random() < 0.1 else 1.5, "", "x", "../../../../tmp/x", "/etc/passwd",
+               "..", "Linear", "QuantLinear", "SparseLinear", "GOBOLinear", "os.system", "float32", "int4",
+               "a" * 1000, [], [1, 2], [2**40], {}, {"type": "QuantLinear"}, None, True, False]
+    if isinstance(old, bool):
+        return not old if rng.random() < 0.5 else rng.choice(choices)
+    if isinstance(old, int) and rng.random() < 0.5:
+        return rng.choice([old + 1, old - 1, old * 2, old // 2, -old, old * 1000, 0])
+    return rng.choice(choices)
+
+
+def _json_nodes(value, path=()):
+    yield path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _json_nodes(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _json_nodes(v, path + (i,))
+
+
+def _mutate_json_value(obj, rng: random.Random):
+    nodes = [p for p, _ in _json_nodes(obj) if p]
+    if not nodes:
+        return _interesting_value(rng, obj)
+    path = rng.choice(nodes)
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    key = path[-1]
+    op = rng.randrange(6)
+    if op == 0 and isinstance(parent, dict):
+        del parent[key]
+    elif op == 1 and isinstance(parent, dict):
+        parent[rng.choice(["type", "in_features", "out_features", "extra", "../x", "bits", "group_size"])] = \
+            _interesting_value(rng, None)
+    elif op == 2 and isinstance(parent, dict) and len(parent) > 1:
+        other = rng.choice(list(parent))
+        parent[key], parent[other] = parent[other], parent[key]
+    else:
+        parent[key] = _interesting_value(rng, parent[key])
+    return obj
+
+
+def _mutate_json(data: bytearray, rng: random.Random) -> bytearray:
+    try:
+        obj = json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError):
+        return _mutate_bytes(data, rng)
+    for _ in range(rng.randrange(1, 4)):
+        obj = _mutate_json_value(obj, rng)
+    return bytearray(json.dumps(obj).encode())
+
+
+def _mutate_safetensors(data: bytearray, rng: random.Random) -> bytearray:
+    if len(data) < 8:
+        return _mutate_bytes(data, rng)
+    (n,) = struct.unpack_from("<Q", data)
+    if rng.random() < 0.25 or n > len(data) - 8:           # the length field itself
+        value = rng.choice(INTERESTING_INTS + [n + 1, n - 1, len(data), len(data) - 7, len(data) - 8, 2 * n])
+        data[0:8] = (value % 2**64).to_bytes(8, "little")
+        return data
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except (ValueError, UnicodeDecodeError):
+        return _mutate_bytes(data, rng)
+    body = data[8 + n:]
+    keys = [k for k in header if k != "__metadata__"]
+    if keys:
+        key = rng.choice(keys)
+        info = header[key]
+        op = rng.randrange(7)
+        if op == 0 and info.get("shape"):
+            i = rng.randrange(len(info["shape"]))
+            info["shape"][i] = rng.choice([0, 1, info["shape"][i] + 1, info["shape"][i] * 2, 2**31, 2**62, -1])
+        elif op == 1:
+            info["shape"] = rng.choice([[], [1] * 9, info.get("shape", []) + [1], [2**32, 2**32], "x"])
+        elif op == 2:
+            info["dtype"] = rng.choice(["F32", "F16", "U8", "I64", "BF16", "F4", "Q4", "", 5])
+        elif op == 3 and isinstance(info.get("data_offsets"), list):
+            a, b = info["data_offsets"]
+            info["data_offsets"] = rng.choice([[b, a], [a, b + 1], [a - 1, b], [a + 4, b + 4], [0, 2**63],
+                                               [a, len(body) + 1], [a], [a, b, b]])
+        elif op == 4:
+            del header[key]
+        elif op == 5:
+            header[key + "x"] = dict(info)
+        else:
+            header["__metadata__"] = _interesting_value(rng, None)
+    raw = json.dumps(header).encode()
+    if rng.random() < 0.2:
+        raw += b" " * rng.randrange(8)
+    return bytearray(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def _gguf_fields(seed: bytes):
+    """Offsets of the GGUF structural fields in ``seed`` (computed once per seed)."""
+    from slimformer.formats.gguf_check import check_gguf
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(seed)
+        f.flush()
+        return check_gguf(f.name, record_fields=True).fields
+
+
+_FIELD_CACHE: dict[int, list] = {}
+
+
+def _mutate_gguf(data: bytearray, rng: random.Random, seed: bytes) -> bytearray:
+    fields = _FIELD_CACHE.setdefault(id(seed), _gguf_fields(seed))
+    if not fields or rng.random() < 0.3:
+        return _mutate_bytes(data, rng)
+    pos, size, label = rng.choice(fields)
+    if pos + size > len(data):
+        return _mutate_bytes(data, rng)
+    (old,) = struct.unpack_from("<" + {4: "I", 8: "Q"}[size], data, pos)
+    value = rng.choice(INTERESTING_INTS + [old + 1, old - 1, old * 2, old + 32, old - 32, len(data), 0x0C, 9])
+    data[pos:pos + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+    return data
+
+
+def _mutate_yaml(data: bytearray, rng: random.Random) -> bytearray:
+    import re
+
+    text = data.decode("utf-8", "replace")
+    op = rng.randrange(8)
+    if op == 0:
+        text = re.sub(r"^name: .*$", "name: " + rng.choice(["../../etc", "/tmp/x", "a/b", "..", "", "'x y'",
+                                                           "[1, 2]", "{a: 1}", "ok-name", "é", "a" * 200]),
+                      text, flags=re.M)
+    elif op == 1:
+        numbers = list(re.finditer(r"\b\d+(\.\d+)?\b", text))
+        if numbers:
+            m = rng.choice(numbers)
+            text = text[:m.start()] + str(rng.choice([0, -1, 1, 2**31, 2**64, 1e308, "1e999", ".nan", "-.inf",
+                                                      "true", "null", "[]", "{}"])) + text[m.end():]
+    elif op == 2:
+        text = "base: &a [1, 2]\n" + text.replace("stages:", "stages: *a\nx:", 1) if rng.random() < 0.5 else \
+            "a: &a [[[[1]]]]\n" + text
+    elif op == 3:
+        text += "\n" + "[" * rng.choice((10, 100, 5000)) + "]" * rng.randrange(2)
+    elif op == 4:
+        text = text.replace(":", rng.choice([": !!python/object:os.system", ": !!binary AAAA", ":: ", ":"]), 1)
+    elif op == 5:
+        lines = text.splitlines()
+        if lines:
+            i = rng.randrange(len(lines))
+            lines[i] = rng.choice(["  - " + rng.choice(["RTN", "GPTQ", "Nope", "SparseGPT", "RTN: 5", "RTN: [1]"]),
+                                   "train: {steps: -1}", "train: 5", "stages: []", "description: [1]",
+                                   "unknown: 1", "  - RTN: {bits: 99}", "  - GPTQ: {group_size: 0}", lines[i] * 2])
+            text = "\n".join(lines)
+    else:
+        return _mutate_bytes(bytearray(text.encode("utf-8", "surrogatepass")), rng)
+    return bytearray(text.encode("utf-8", "surrogatepass"))
+
+
+def mutate_file(name: str, data: bytes, rng: random.Random) -> bytes:
+    """1-3 mutations of one file's bytes, format-aware for what the name says it is."""
+    out = bytearray(data)
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        structured = rng.random() < 0.7
+        if structured and name.endswith(".gguf"):
+            out = _mutate_gguf(out, rng, data)
+        elif structured and name.endswith(".safetensors"):
+            out = _mutate_safetensors(out, rng)
+        elif structured and name.endswith(".json"):
+            out = _mutate_json(out, rng)
+        elif structured and name.endswith((".yaml", ".yml")):
+            out = _mutate_yaml(out, rng)
+        else:
+            out = _mutate_bytes(out, rng)
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------- cases
+
+class Seeds:
+    """The seed inputs of every target, built once under ``root``."""
+
+    def __init__(self, root: Path, names=None):
+        self.root = root
+        self.bytes: dict[tuple[str, str], bytes] = {}
+        manifest = root / "seeds.json"
+        if manifest.exists():      # built by the parent: a worker only reads them
+            self.paths = {n: Path(p) for n, p in json.loads(manifest.read_text()).items()}
+            return
+        self.paths: dict[str, Path] = {}
+        built: dict[Callable, Path] = {}
+        for name, t in TARGETS.items():
+            if names is not None and name not in names:
+                continue
+            if t.make_seed not in built:
+                built[t.make_seed] = t.make_seed(root)
+            self.paths[name] = built[t.make_seed]
+        manifest.write_text(json.dumps({n: str(p) for n, p in self.paths.items()}))
+
+    def files_of(self, name: str) -> list[Path]:
+        seed, t = self.paths[name], TARGETS[name]
+        if seed.is_file():
+            return [seed]
+        if t.files:
+            return [seed / f for f in t.files]
+        return sorted(p for p in seed.iterdir() if p.is_file())
+
+    def inputs_of(self, name: str) -> list[Path]:
+        """What the reader is given, unmutated: the seed, or each of its files."""
+        return self.files_of(name) if TARGETS[name].per_file else [self.paths[name]]
+
+    def seed_bytes(self, name: str, file: Path) -> bytes:
+        key = (name, str(file))
+        if key not in self.bytes:
+            self.bytes[key] = file.read_bytes()
+        return self.bytes[key]
+
+
+def make_case(seeds: Seeds, name: str, case_seed: int, work: Path) -> tuple[Path, int, str]:
+    """The mutated input of case ``case_seed`` of target ``name`` under ``work`` (replaced):
+    its path, its size in bytes and which file was mutated."""
+    rng = random.Random(case_seed)
+    seed = seeds.paths[name]
+    files = seeds.files_of(name)
+    chosen = rng.choice(files)
+    mutated = mutate_file(chosen.name, seeds.seed_bytes(name, chosen), rng)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if seed.is_file() or TARGETS[name].per_file:
+        path = work / chosen.name
+        path.write_bytes(mutated)
+        return path, len(mutated), chosen.name
+    path = work / seed.name
+    path.mkdir()
+    total = 0
+    for entry in seed.iterdir():
+        if entry.is_file():
+            if entry == chosen:
+                (path / entry.name).write_bytes(mutated)
+                total += len(mutated)
+            else:
+                os.link(entry, path / entry.name)
+                total += entry.stat().st_size
+    return path, total, chosen.name
+
+
+def run_case(name: str, path: Path, size: int, timeout_note: bool = False) -> dict:
+    """Run target ``name``'s reader on ``path`` in this process: the outcome, its time and its
+    Python-level memory peak (tracemalloc, numpy's buffers included)."""
+    import tracemalloc
+
+    from slimformer.errors import SlimformerError
+
+    started = time.perf_counter()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    outcome = {"target": name, "size": size}
+    try:
+        result = TARGETS[name].read(path)
+        outcome["status"] = "ok"
+        del result
+    except SlimformerError as exc:
+        message = str(exc)
+        outcome["status"] = "refused"
+        outcome["error"] = type(exc).__name__
+        if "\n" in message.strip() or not message.strip():
+            outcome["status"] = "finding"
+            outcome["detail"] = f"{type(exc).__name__} is not one line: {message[:300]!r}"
+    except BaseException as exc:   # noqa: BLE001 - anything else is what we are looking for
+        outcome["status"] = "finding"
+        outcome["detail"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        outcome["traceback"] = traceback.format_exc()[-3000:]
+    outcome["peak_bytes"] = max(0, tracemalloc.get_traced_memory()[1] - base)
+    outcome["seconds"] = time.perf_counter() - started
+    bound = MEMORY_SLACK + MEMORY_PER_BYTE * size
+    if outcome["peak_bytes"] > bound and outcome["status"] != "finding":
+        outcome["status"] = "finding"
+        outcome["detail"] = f"memory peak {outcome['peak_bytes']} B above the bound {bound} B for {size} input bytes"
+    return outcome
+
+
+# ----------------------------------------------------------------------------- worker / parent
+
+def worker(seed_root: Path, work: Path) -> None:
+    """Read ``TARGET CASE_SEED`` lines on stdin, answer one JSON line each on stdout."""
+    import faulthandler
+    import tracemalloc
+    import warnings
+
+    import torch
+
+    from slimformer.plugins import load_builtin
+
+    load_builtin()   # the module types and techniques saved models and recipes name
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    faulthandler.enable(file=sys.stderr)
+    seeds = Seeds(seed_root)
+    out = sys.stdout
+    sys.stdout = sys.stderr       # stray prints must not corrupt the protocol
+    for name in seeds.paths:      # warm up: imports and one-time caches are not a case's memory
+        TARGETS[name].read(seeds.inputs_of(name)[0])
+    tracemalloc.start()
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        name, case_seed = line.split()
+        path, size, file = make_case(seeds, name, int(case_seed), work)
+        outcome = run_case(name, path, size)
+        outcome.update(case_seed=int(case_seed), file=file)
+        out.write(json.dumps(outcome) + "\n")
+        out.flush()
+
+
+class Worker:
+    def __init__(self, seed_root: Path, work: Path, log: Path):
+        self.args = [sys.executable, str(Path(__file__).resolve()), "--worker", str(seed_root), str(work)]
+        self.log = open(log, "ab")
+        self.proc = None
+        self.starts = 0
+
+    def start(self):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 600)
+        if not ready or self.proc.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"the fuzz worker did not start; see {self.log.name}")
+        self.starts += 1
+
+    def ask(self, name: str, case_seed: int, timeout: float) -> dict | None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.proc.stdin.write(f"{name} {case_seed}\n".encode())
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            self.kill()
+            return {"status": "crash" if ready else "timeout"}
+        return json.loads(line)
+
+    def kill(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def plan_cases(total: int, seed: int, names) -> list[tuple[str, int]]:
+    """``total`` cases split by target weight, each with its own reproducible case seed."""
+    weights = {n: TARGETS[n].weight for n in names}
+    norm = sum(weights.values())
+    counts = {n: int(total * w / norm) for n, w in weights.items()}
+    counts[max(counts, key=counts.get)] += total - sum(counts.values())
+    rng = random.Random(seed)
+    cases = [(n, rng.getrandbits(62)) for n, c in counts.items() for _ in range(c)]
+    rng.shuffle(cases)
+    return cases
+
+
+def summarize(outcomes: list[dict], names) -> dict:
+    per = {}
+    for name in names:
+        rows = [o for o in outcomes if o["target"] == name]
+        if not rows:
+            continue
+        errors: dict[str, int] = {}
+        for o in rows:
+            if o["status"] == "refused":
+                errors[o["error"]] = errors.get(o["error"], 0) + 1
+        per[name] = {
+            "description": TARGETS[name].description,
+            "cases": len(rows),
+            "ok": sum(o["status"] == "ok" for o in rows),
+            "refused": sum(o["status"] == "refused" for o in rows),
+            "refused_by": dict(sorted(errors.items())),
+            "findings": sum(o["status"] in ("finding", "crash", "timeout") for o in rows),
+            "crashes": sum(o["status"] == "crash" for o in rows),
+            "timeouts": sum(o["status"] == "timeout" for o in rows),
+            "max_input_bytes": max(o.get("size", 0) for o in rows),
+            "max_peak_bytes": max(o.get("peak_bytes", 0) for o in rows),
+            "max_peak_over_input": max(o.get("peak_bytes", 0) / max(o.get("size", 1), 1) for o in rows),
+            "max_seconds": max(o.get("seconds", 0) for o in rows),
+            "mean_seconds": sum(o.get("seconds", 0) for o in rows) / len(rows),
+        }
+    return per
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    parser.add_argument("--out", default=str(RESULTS / "fuzz_readers.json"))
+    parser.add_argument("--findings", default=str(ROOT / "benchmarks" / "results" / "fuzz_findings"))
+    parser.add_argument("--worker", nargs=2, metavar=("SEEDS", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--replay", nargs=2, metavar=("TARGET", "CASE_SEED"), help="rerun one case in this process")
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker[0]), Path(args.worker[1]))
+        return
+    names = [n for n in args.targets.split(",") if n]
+    with tempfile.TemporaryDirectory(prefix="slimformer-fuzz-") as tmp:
+        tmp = Path(tmp)
+        seed_root = tmp / "seeds"
+        seed_root.mkdir()
+        import torch
+
+        torch.set_num_threads(1)
+        seeds = Seeds(seed_root)
+        if args.replay:
+            import tracemalloc
+
+            tracemalloc.start()
+            path, size, file = make_case(seeds, args.replay[0], int(args.replay[1]), tmp / "replay")
+            print(json.dumps({**run_case(args.replay[0], path, size), "file": file}, indent=2))
+            return
+        started = time.time()
+        cases = plan_cases(args.cases, args.seed, names)
+        w = Worker(seed_root, tmp / "work", tmp / "worker.log")
+        outcomes = []
+        findings_dir = Path(args.findings)
+        for i, (name, case_seed) in enumerate(cases):
+            outcome = w.ask(name, case_seed, args.timeout)
+            if "target" not in outcome:    # the worker died (a crash) or hung (a timeout)
+                outcome.update(target=name, case_seed=case_seed,
+                               detail=f"worker {'died (see its faulthandler output)' if outcome['status'] == 'crash' else 'hung'}")
+                path, size, file = make_case(seeds, name, case_seed, tmp / "crash")
+                outcome.update(size=size, file=file)
+            if outcome["status"] in ("finding", "crash", "timeout"):
+                findings_dir.mkdir(parents=True, exist_ok=True)
+                keep = findings_dir / f"{name}-{case_seed}"
+                path, _, _ = make_case(seeds, name, case_seed, keep)
+                (keep / "outcome.json").write_text(json.dumps(outcome, indent=2))
+                print(f"FINDING {name} {case_seed}: {outcome.get('detail')}", file=sys.stderr, flush=True)
+            outcomes.append(outcome)
+            if (i + 1) % 2000 == 0:
+                print(f"{i + 1}/{len(cases)} cases, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        w.kill()
+        per = summarize(outcomes, names)
+        payload = {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "protocol": {"cases": len(cases), "seed": args.seed, "timeout_s": args.timeout,
+                         "memory_bound": f"{MEMORY_SLACK} B + {MEMORY_PER_BYTE} x input bytes (tracemalloc peak)",
+                         "mutations_per_case": "1-3", "threads": 1},
+            "seconds": round(time.time() - started, 1),
+            "worker_starts": w.starts,
+            "total": {"cases": len(outcomes), "findings": sum(p["findings"] for p in per.values()),
+                      "crashes": sum(p["crashes"] for p in per.values()),
+                      "ok": sum(p["ok"] for p in per.values()), "refused": sum(p["refused"] for p in per.values())},
+            "targets": per,
+            "findings": [o for o in outcomes if o["status"] in ("finding", "crash", "timeout")][:50],
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        print(json.dumps(payload["total"]))
+
+
+if __name__ == "__main__":
+    main()
