@@ -59,17 +59,19 @@ class Target:
     files: tuple[str, ...] = ()                # for a directory seed: the files mutated (one per case)
     description: str = ""
     per_file: bool = False                     # a directory of alternative seed files: the reader gets one
+    accepts: tuple[str, ...] = ()              # our exception types besides SlimformerError this reader may raise
 
 
 TARGETS: dict[str, Target] = {}
 
 
-def target(name: str, weight: float, files: tuple[str, ...] = (), description: str = "", per_file: bool = False):
+def target(name: str, weight: float, files: tuple[str, ...] = (), description: str = "", per_file: bool = False,
+           accepts: tuple[str, ...] = ()):
     """Decorator on the reader: ``@target("gguf", 0.3)`` over ``def read(path)``, with its
     seed builder attached as ``read.seed = builder`` or passed through :func:`seeded`."""
     def wrap(read):
         TARGETS[name] = Target(name, read.seed_builder, read, weight, files, description or (read.__doc__ or "").strip(),
-                               per_file)
+                               per_file, accepts)
         return read
     return wrap
 
@@ -146,6 +148,42 @@ def _gguf_seed(root: Path) -> Path:
     return path
 
 
+def _decoder_gguf_seed(root: Path) -> Path:
+    """The linears of the tiny Llama (2 blocks) as GGUF Q8_0 / Q4_0 / Q4_1 blocks, named as
+    llama.cpp names them: what ``NativeDecoder.from_model(model, gguf_path)`` reads."""
+    import gguf
+    import numpy as np
+
+    from slimformer.formats.gguf import BLOCK_BYTES
+    from slimformer.models.adapters import adapter_for
+
+    model, _ = _tiny_llama_parts()
+    adapter = adapter_for(model)
+    path = root / "decoder.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", len(adapter.get_blocks(model)))
+    rng = np.random.default_rng(1)
+    qtypes = ("Q8_0", "Q4_0", "Q4_1")
+    for i, block in enumerate(adapter.get_blocks(model)):
+        for j, (gguf_name, module_name) in enumerate(adapter.gguf_linears):
+            linear = block.get_submodule(module_name)
+            qtype = qtypes[(i + j) % 3]
+            blocks = rng.integers(0, 256, (linear.out_features, linear.in_features // 32, BLOCK_BYTES[qtype]),
+                                  dtype=np.uint8)
+            blocks[..., 0:2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+            if qtype == "Q4_1":
+                blocks[..., 2:4] = np.array([-0.05], dtype=np.float16).view(np.uint8)
+            w.add_tensor(f"blk.{i}.{gguf_name}.weight", blocks.reshape(linear.out_features, -1),
+                         raw_dtype=gguf.GGMLQuantizationType[qtype])
+    emb = model.get_submodule(adapter.embed_tokens).weight.detach().numpy()
+    w.add_tensor("token_embd.weight", emb.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _safetensors_seed(root: Path) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -180,7 +218,7 @@ def _touch(tensor) -> None:
         tensor.reshape(-1).view(torch.uint8).sum() if tensor.dtype != torch.bool else tensor.sum()
 
 
-@target("gguf", 0.28, description="check_gguf, then gguf.GGUFReader and from_gguf_tensor on every matrix "
+@target("gguf", 0.27, description="check_gguf, then gguf.GGUFReader and from_gguf_tensor on every matrix "
                                   "(what models/load.py and the native decoder do before reading GGUF)")
 @seeded(_gguf_seed)
 def read_gguf(path: Path):
@@ -218,7 +256,7 @@ def read_safetensors(path: Path):
     return header
 
 
-@target("compressed-check", 0.16, files=("slimformer.json", "config.json", "model.safetensors"),
+@target("compressed-check", 0.15, files=("slimformer.json", "config.json", "model.safetensors"),
         description="check_compressed_dir: slimformer.json schema, registered types, module sizes vs the "
                     "safetensors header, config.json bounds")
 @seeded(_compressed_seed)
@@ -240,7 +278,7 @@ def read_offload_index(path: Path):
     return len(index)
 
 
-@target("recipe", 0.18, description="load_recipe of a YAML file (size limit, typed schema, safe name)", per_file=True)
+@target("recipe", 0.20, description="load_recipe of a YAML file (size limit, typed schema, safe name)", per_file=True)
 @seeded(_recipe_seed)
 def read_recipe(path: Path):
     from slimformer.recipes.schema import load_recipe
@@ -248,7 +286,25 @@ def read_recipe(path: Path):
     return load_recipe(str(path))
 
 
-@target("compressed-load", 0.03, files=("slimformer.json", "config.json", "model.safetensors"),
+_DECODER_MODEL = []
+
+
+@target("gguf-decoder", 0.02, description="NativeDecoder.from_model with a GGUF file's blocks (check_gguf, "
+                                          "GGUFReader, shapes vs the model) and a 3-token forward through the kernels; "
+                                          "UnsupportedFormat (a block type with no runtime layout: the engine falls "
+                                          "back to transformers) counts as a refusal",
+        accepts=("UnsupportedFormat",))
+@seeded(_decoder_gguf_seed)
+def read_gguf_decoder(path: Path):
+    from slimformer.runtime.decoder import NativeDecoder
+
+    if not _DECODER_MODEL:
+        _DECODER_MODEL.append(_tiny_llama_parts()[0])
+    decoder = NativeDecoder.from_model(_DECODER_MODEL[0], gguf_path=path)
+    return decoder.forward_logits([1, 5, 9])
+
+
+@target("compressed-load", 0.02, files=("slimformer.json", "config.json", "model.safetensors"),
         description="full load_compressed and a 4-token forward (the native kernels run on what was bound)")
 @seeded(_compressed_seed)
 def read_compressed_load(path: Path):
@@ -262,7 +318,7 @@ def read_compressed_load(path: Path):
     return model
 
 
-@target("offload-load", 0.03, files=("offload.json", "config.json", "block_0000.safetensors", "rest.safetensors"),
+@target("offload-load", 0.02, files=("offload.json", "config.json", "block_0000.safetensors", "rest.safetensors"),
         description="full load_offloaded and a 4-token forward (blocks bound from the files, kernels run)")
 @seeded(_offload_seed)
 def read_offload_load(path: Path):
@@ -433,11 +489,13 @@ def _gguf_fields(seed: bytes):
         return check_gguf(f.name, record_fields=True).fields
 
 
-_FIELD_CACHE: dict[int, list] = {}
+_FIELD_CACHE: dict[bytes, list] = {}
 
 
 def _mutate_gguf(data: bytearray, rng: random.Random, seed: bytes) -> bytearray:
-    fields = _FIELD_CACHE.setdefault(id(seed), _gguf_fields(seed))
+    if seed not in _FIELD_CACHE:
+        _FIELD_CACHE[seed] = _gguf_fields(seed)
+    fields = _FIELD_CACHE[seed]
     if not fields or rng.random() < 0.3:
         return _mutate_bytes(data, rng)
     pos, size, label = rng.choice(fields)
@@ -489,15 +547,18 @@ def mutate_file(name: str, data: bytes, rng: random.Random) -> bytes:
     out = bytearray(data)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         structured = rng.random() < 0.7
-        if structured and name.endswith(".gguf"):
-            out = _mutate_gguf(out, rng, data)
-        elif structured and name.endswith(".safetensors"):
-            out = _mutate_safetensors(out, rng)
-        elif structured and name.endswith(".json"):
-            out = _mutate_json(out, rng)
-        elif structured and name.endswith((".yaml", ".yml")):
-            out = _mutate_yaml(out, rng)
-        else:
+        try:
+            if structured and name.endswith(".gguf"):
+                out = _mutate_gguf(out, rng, data)
+            elif structured and name.endswith(".safetensors"):
+                out = _mutate_safetensors(out, rng)
+            elif structured and name.endswith(".json"):
+                out = _mutate_json(out, rng)
+            elif structured and name.endswith((".yaml", ".yml")):
+                out = _mutate_yaml(out, rng)
+            else:
+                out = _mutate_bytes(out, rng)
+        except Exception:   # a format-aware mutator met an already-mangled file: plain bytes then
             out = _mutate_bytes(out, rng)
     return bytes(out)
 
@@ -594,6 +655,17 @@ def run_case(name: str, path: Path, size: int, timeout_note: bool = False) -> di
         if "\n" in message.strip() or not message.strip():
             outcome["status"] = "finding"
             outcome["detail"] = f"{type(exc).__name__} is not one line: {message[:300]!r}"
+    except Exception as exc:
+        if type(exc).__name__ not in TARGETS[name].accepts:
+            outcome["status"] = "finding"
+            outcome["detail"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            outcome["traceback"] = traceback.format_exc()[-3000:]
+        else:
+            outcome["status"] = "refused"
+            outcome["error"] = type(exc).__name__
+            if "\n" in str(exc).strip():
+                outcome["status"] = "finding"
+                outcome["detail"] = f"{type(exc).__name__} is not one line: {str(exc)[:300]!r}"
     except BaseException as exc:   # noqa: BLE001 - anything else is what we are looking for
         outcome["status"] = "finding"
         outcome["detail"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -646,6 +718,7 @@ class Worker:
         self.log = open(log, "ab")
         self.proc = None
         self.starts = 0
+        self.pending: tuple[str, int, float] | None = None
 
     def start(self):
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -655,16 +728,20 @@ class Worker:
             raise RuntimeError(f"the fuzz worker did not start; see {self.log.name}")
         self.starts += 1
 
-    def ask(self, name: str, case_seed: int, timeout: float) -> dict | None:
+    def send(self, name: str, case_seed: int) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
+        self.pending = (name, case_seed, time.time())
         self.proc.stdin.write(f"{name} {case_seed}\n".encode())
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""
+
+    def receive(self) -> dict:
+        """The pending case's outcome (its stdout is readable): a crash if the worker died."""
+        line = self.proc.stdout.readline()
         if not line:
             self.kill()
-            return {"status": "crash" if ready else "timeout"}
+            return {"status": "crash"}
+        self.pending = None
         return json.loads(line)
 
     def kill(self):
@@ -672,6 +749,7 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        self.pending = None
 
 
 def plan_cases(total: int, seed: int, names) -> list[tuple[str, int]]:
@@ -720,6 +798,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes reading cases in parallel")
     parser.add_argument("--out", default=str(RESULTS / "fuzz_readers.json"))
     parser.add_argument("--findings", default=str(ROOT / "benchmarks" / "results" / "fuzz_findings"))
     parser.add_argument("--worker", nargs=2, metavar=("SEEDS", "WORK"), help=argparse.SUPPRESS)
@@ -746,26 +825,51 @@ def main() -> None:
             return
         started = time.time()
         cases = plan_cases(args.cases, args.seed, names)
-        w = Worker(seed_root, tmp / "work", tmp / "worker.log")
+        workers = [Worker(seed_root, tmp / f"work{k}", tmp / f"worker{k}.log") for k in range(args.workers)]
         outcomes = []
         findings_dir = Path(args.findings)
-        for i, (name, case_seed) in enumerate(cases):
-            outcome = w.ask(name, case_seed, args.timeout)
+        todo = iter(cases)
+
+        def feed(w: Worker) -> None:
+            case = next(todo, None)
+            if case is not None:
+                w.send(*case)
+
+        def record(name: str, case_seed: int, outcome: dict) -> None:
             if "target" not in outcome:    # the worker died (a crash) or hung (a timeout)
                 outcome.update(target=name, case_seed=case_seed,
                                detail=f"worker {'died (see its faulthandler output)' if outcome['status'] == 'crash' else 'hung'}")
-                path, size, file = make_case(seeds, name, case_seed, tmp / "crash")
+                _, size, file = make_case(seeds, name, case_seed, tmp / "crash")
                 outcome.update(size=size, file=file)
             if outcome["status"] in ("finding", "crash", "timeout"):
                 findings_dir.mkdir(parents=True, exist_ok=True)
                 keep = findings_dir / f"{name}-{case_seed}"
-                path, _, _ = make_case(seeds, name, case_seed, keep)
+                make_case(seeds, name, case_seed, keep)
                 (keep / "outcome.json").write_text(json.dumps(outcome, indent=2))
                 print(f"FINDING {name} {case_seed}: {outcome.get('detail')}", file=sys.stderr, flush=True)
             outcomes.append(outcome)
-            if (i + 1) % 2000 == 0:
-                print(f"{i + 1}/{len(cases)} cases, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-        w.kill()
+            if len(outcomes) % 2000 == 0:
+                print(f"{len(outcomes)}/{len(cases)} cases, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+        for w in workers:
+            feed(w)
+        while any(w.pending for w in workers):
+            busy = {w.proc.stdout: w for w in workers if w.pending}
+            ready, _, _ = select.select(list(busy), [], [], 1.0)
+            for stream in ready:
+                w = busy[stream]
+                name, case_seed, _ = w.pending
+                record(name, case_seed, w.receive())
+                feed(w)
+            now = time.time()
+            for w in busy.values():
+                if w.pending and now - w.pending[2] > args.timeout:
+                    name, case_seed, _ = w.pending
+                    w.kill()
+                    record(name, case_seed, {"status": "timeout"})
+                    feed(w)
+        for w in workers:
+            w.kill()
         per = summarize(outcomes, names)
         payload = {
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -773,7 +877,8 @@ def main() -> None:
                          "memory_bound": f"{MEMORY_SLACK} B + {MEMORY_PER_BYTE} x input bytes (tracemalloc peak)",
                          "mutations_per_case": "1-3", "threads": 1},
             "seconds": round(time.time() - started, 1),
-            "worker_starts": w.starts,
+            "workers": args.workers,
+            "worker_starts": sum(w.starts for w in workers),
             "total": {"cases": len(outcomes), "findings": sum(p["findings"] for p in per.values()),
                       "crashes": sum(p["crashes"] for p in per.values()),
                       "ok": sum(p["ok"] for p in per.values()), "refused": sum(p["refused"] for p in per.values())},

@@ -94,7 +94,8 @@ def check_safetensors(path: str | os.PathLike) -> SafetensorsHeader:
         _refuse(path, "header", f"expected a JSON object, found {type(header).__name__}")
     data_start = 8 + n
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         _refuse(path, "__metadata__", "must map strings to strings")
     tensors: dict[str, TensorEntry] = {}

@@ -160,6 +160,10 @@ def check_model_config(directory: Path, tensors: dict[str, TensorEntry]) -> dict
             refuse(file, where, f"{value} is larger than the weights justify ({bound})")
         if isinstance(value, float) and not math.isfinite(value):
             refuse(file, where, f"{value} is not finite")
+        leaf = where.rsplit(".", 1)[-1]
+        if ("dropout" in leaf or leaf.endswith(("_pdrop", "_prob"))) and isinstance(value, (int, float)) \
+                and not 0 <= value <= 1:
+            refuse(file, where, f"{value} is not a probability")   # torch refuses it at every forward
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{where}.{k}" if where else k, depth + 1)

@@ -464,7 +464,11 @@ def _gguf_linears(path: str | Path, spec: DecoderSpec, adapter) -> dict[str, RtL
             name = f"{blocks}.{parts[1]}.{names[parts[2]]}"
             lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
             if parts[2] in ("attn_q", "attn_k"):
-                lin = W.select_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))
+                heads = n_head if parts[2] == "attn_q" else n_kv
+                if N % (2 * heads):
+                    raise ModelLoadError(f"{path}: GGUF tensor {t.name!r} dims: {N} rows are not {heads} heads "
+                                         "of an even size")
+                lin = W.select_rows(lin, _gguf_row_order(N, heads))
             out[name] = lin
         elif t.name == "token_embd.weight":
             out["embed_tokens"] = W.from_gguf_tensor("embed_tokens", qtype, t.data, N, K)

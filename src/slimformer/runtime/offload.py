@@ -403,7 +403,7 @@ def _offload_meta(directory: Path) -> tuple[dict, list[str], torch.dtype]:
     if not isinstance(meta.get("blocks"), str):
         refuse(file, "blocks", "expected the blocks' module path (a string)")
     dtype = meta.get("dtype", "float32")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         refuse(file, "dtype", f"{str(dtype)[:40]!r} is not one of {', '.join(_DTYPES)}")
     for key in ("non_block_bytes",):
         if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0):
