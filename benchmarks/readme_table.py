@@ -308,13 +308,14 @@ def fuzz_readers_table(payload: dict) -> str:
         f"a finding is any exception other than our one-line errors, a crash, a hang, or a Python memory peak above "
         f"{protocol['memory_bound']}. Findings: **{total['findings']}** (crashes: {total['crashes']}).",
         "",
-        "| reader | cases | read | refused (one line) | findings | largest input B | max memory peak B | peak / input | mean ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| reader | cases | read | refused (one line) | findings | largest input B | max traced peak B | peak / input "
+        "| max RSS high-water growth B | mean ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in payload["targets"].items():
         lines.append(f"| {name} | {r['cases']:,} | {r['ok']:,} | {r['refused']:,} | {r['findings']} | "
                      f"{r['max_input_bytes']:,} | {r['max_peak_bytes']:,} | {r['max_peak_over_input']:.1f} | "
-                     f"{1000 * r['mean_seconds']:.1f} |")
+                     f"{r.get('max_rss_growth_bytes', 0):,} | {1000 * r['mean_seconds']:.1f} |")
     return "\n".join(lines)
 
 

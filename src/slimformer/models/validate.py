@@ -112,6 +112,8 @@ def check_module_configs(file, modules, tensors: dict[str, TensorEntry], dtype: 
     shape and dtype it needs. Built on the meta device: nothing is allocated."""
     if not isinstance(modules, dict):
         refuse(file, "modules", f"expected a mapping of module names to configs, found {type(modules).__name__}")
+    if len(modules) > len(tensors):   # every module stores at least one tensor
+        refuse(file, "modules", f"{len(modules)} modules, but the weights hold {len(tensors)} tensors")
     for name, cfg in modules.items():
         where = f"modules[{name[:120]!r}]"
         if not _MODULE_NAME.match(name) or len(name) > 512:
