@@ -20,7 +20,17 @@ Python-level memory (tracemalloc peak, numpy included) above 16 MiB + 32x the ca
 input bytes. The mutated input of every finding is kept under ``--findings`` to reproduce
 it (``--replay TARGET CASE_SEED``).
 
-Adding a reader is one :func:`target` entry: a seed builder and a reader function.
+Adding a reader is one :func:`target` entry: a seed builder (writes a small valid input
+under the directory it is given and returns its path) and the reader; weights are relative
+(normalised over the targets run), ``files`` names the files of a directory seed that are
+mutated, and the test subset (tests/test_fuzz_readers.py) picks the new target up. E.g. for
+a GPTQ checkpoint reader::
+
+    @target("gptq", 0.05, files=("config.json", "model.safetensors"))
+    @seeded(_gptq_seed)              # e.g. a tiny Llama written in the qweight/qzeros/scales/g_idx layout
+    def read_gptq(path):
+        from slimformer.models.gptq import load_gptq
+        return load_gptq(path, torch.float32)
 """
 
 from __future__ import annotations
@@ -61,18 +71,19 @@ class Target:
     description: str = ""
     per_file: bool = False                     # a directory of alternative seed files: the reader gets one
     accepts: tuple[str, ...] = ()              # our exception types besides SlimformerError this reader may raise
+    full_load: bool = False                    # builds a model (slow): few cases in the test subset
 
 
 TARGETS: dict[str, Target] = {}
 
 
 def target(name: str, weight: float, files: tuple[str, ...] = (), description: str = "", per_file: bool = False,
-           accepts: tuple[str, ...] = ()):
+           accepts: tuple[str, ...] = (), full_load: bool = False):
     """Decorator on the reader: ``@target("gguf", 0.3)`` over ``def read(path)``, with its
     seed builder attached as ``read.seed = builder`` or passed through :func:`seeded`."""
     def wrap(read):
         TARGETS[name] = Target(name, read.seed_builder, read, weight, files, description or (read.__doc__ or "").strip(),
-                               per_file, accepts)
+                               per_file, accepts, full_load)
         return read
     return wrap
 
@@ -109,9 +120,11 @@ def _offload_seed(root: Path) -> Path:
     from slimformer.models.compressed import load_compressed
     from slimformer.runtime.offload import save_offloadable
 
-    model, tok = _tiny_llama_parts()
-    api.compress((model, tok), "rtn-w4-g32", root / "offload-src", progress=False, overwrite=True)
-    quantised, _ = load_compressed(root / "offload-src")
+    source = root / "compressed"
+    if not (source / "slimformer.json").exists():
+        model, tok = _tiny_llama_parts()
+        api.compress((model, tok), "rtn-w4-g32", source, progress=False, overwrite=True)
+    quantised, _ = load_compressed(source)
     out = root / "offload"
     save_offloadable(quantised, out)   # no tokenizer: the reader under test is the weights'
     return out
@@ -178,6 +191,52 @@ def _decoder_gguf_seed(root: Path) -> Path:
                          raw_dtype=gguf.GGMLQuantizationType[qtype])
     emb = model.get_submodule(adapter.embed_tokens).weight.detach().numpy()
     w.add_tensor("token_embd.weight", emb.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _llama_gguf_seed(root: Path) -> Path:
+    """The tiny Llama as an F32 GGUF file with its tokenizer (gpt2 BPE), as transformers
+    reads GGUF: what ``slimformer.load("x.gguf")`` takes."""
+    import gguf
+    import numpy as np
+
+    model, tok = _tiny_llama_parts()
+    c = model.config
+    path = root / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(1)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in model.state_dict().items():
+        array = value.detach().float().numpy()
+        if key == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", array)
+        elif key == "model.norm.weight":
+            w.add_tensor("output_norm.weight", array)
+        elif key.startswith("model.layers."):
+            parts = key.split(".")
+            w.add_tensor(f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight", array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -279,12 +338,21 @@ def read_offload_index(path: Path):
     return len(index)
 
 
-@target("recipe", 0.20, description="load_recipe of a YAML file (size limit, typed schema, safe name)", per_file=True)
+@target("recipe", 0.196, description="load_recipe of a YAML file (size limit, typed schema, safe name)", per_file=True)
 @seeded(_recipe_seed)
 def read_recipe(path: Path):
     from slimformer.recipes.schema import load_recipe
 
     return load_recipe(str(path))
+
+
+@target("gguf-load", 0.004, description="slimformer.load of a .gguf file: check_gguf, then transformers' GGUF "
+                                          "config, weights and tokenizer readers", full_load=True)
+@seeded(_llama_gguf_seed)
+def read_gguf_load(path: Path):
+    from slimformer.models.load import load
+
+    return load(path)
 
 
 _DECODER_MODEL = []
@@ -294,7 +362,7 @@ _DECODER_MODEL = []
                                           "GGUFReader, shapes vs the model) and a 3-token forward through the kernels; "
                                           "UnsupportedFormat (a block type with no runtime layout: the engine falls "
                                           "back to transformers) counts as a refusal",
-        accepts=("UnsupportedFormat",))
+        accepts=("UnsupportedFormat",), full_load=True)
 @seeded(_decoder_gguf_seed)
 def read_gguf_decoder(path: Path):
     from slimformer.runtime.decoder import NativeDecoder
@@ -306,7 +374,8 @@ def read_gguf_decoder(path: Path):
 
 
 @target("compressed-load", 0.02, files=("slimformer.json", "config.json", "model.safetensors"),
-        description="full load_compressed and a 4-token forward (the native kernels run on what was bound)")
+        description="full load_compressed and a 4-token forward (the native kernels run on what was bound)",
+        full_load=True)
 @seeded(_compressed_seed)
 def read_compressed_load(path: Path):
     import torch
@@ -320,7 +389,8 @@ def read_compressed_load(path: Path):
 
 
 @target("offload-load", 0.02, files=("offload.json", "config.json", "block_0000.safetensors", "rest.safetensors"),
-        description="full load_offloaded and a 4-token forward (blocks bound from the files, kernels run)")
+        description="full load_offloaded and a 4-token forward (blocks bound from the files, kernels run)",
+        full_load=True)
 @seeded(_offload_seed)
 def read_offload_load(path: Path):
     import torch

@@ -67,9 +67,25 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+MAX_FLOW_DEPTH = 64
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of [ ] / { } (quotes ignored: an over-estimate). PyYAML's scanner slows
+    down superlinearly on deep flow nesting, so it is bounded before YAML sees the text."""
+    depth = deepest = 0
+    for ch in _BRACKETS.sub("", text):
+        depth = depth + 1 if ch in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe is {len(text)} characters, more than the {MAX_RECIPE_BYTES} allowed")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise RecipeError(f"invalid recipe YAML: [ ] / {{ }} nested more than {MAX_FLOW_DEPTH} levels")
     try:
         data = yaml.load(text, Loader=_RecipeLoader)   # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
