@@ -36,7 +36,6 @@ a GPTQ checkpoint reader::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random

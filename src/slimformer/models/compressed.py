@@ -18,7 +18,6 @@ from slimformer.models.hf import (
     COMPRESSED_MARKER,
     first_line,
     model_class,
-    read_compressed_config,
 )
 from slimformer.models.validate import check_compressed_dir, check_replaces, check_skeleton
 from slimformer.nn.registry import MODULE_TYPES

@@ -34,14 +34,13 @@ from safetensors.torch import save_file
 from slimformer.errors import MemoryBudgetError, ModelLoadError
 from slimformer.models.adapters import adapter_for
 from slimformer.models.compressed import MODULE_TYPES, library_versions, swapped_modules
+from slimformer.formats.safetensors_check import TensorEntry, check_safetensors
 from slimformer.models.hf import (
     COMPRESSED_MARKER,
     first_line,
     model_class,
-    read_compressed_config,
+    read_json_limited,
 )
-from slimformer.formats.safetensors_check import TensorEntry, check_safetensors
-from slimformer.models.hf import read_json_limited
 from slimformer.models.validate import (
     check_compressed_dir,
     check_file_name,
@@ -264,8 +263,9 @@ class Offloader:
             t = tensors.get(e.key)
             if t is None or t.shape != e.placeholder.shape or t.dtype != e.placeholder.dtype:
                 have = "missing" if t is None else f"{list(t.shape)} {t.dtype}"
-                raise ModelLoadError(f"{block.files and next(iter(block.files))}: {e.key}: now {have}, expected "
-                                     f"{list(e.placeholder.shape)} {e.placeholder.dtype} (file changed while loaded?)")
+                file = next((f for f, keys in block.files.items() if e.key in keys), "?")
+                raise ModelLoadError(f"{file}: {e.key}: now {have}, expected {list(e.placeholder.shape)} "
+                                     f"{e.placeholder.dtype} (file changed while loaded?)")
         for e in block.entries:
             t = tensors[e.key]
             if e.is_param:
