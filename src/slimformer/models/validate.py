@@ -84,10 +84,15 @@ def _dtype_fits(stored: str, want: torch.dtype) -> bool:
     return have == want or (have.is_floating_point and want.is_floating_point)
 
 
-def check_tensor(file, key: str, entry: TensorEntry | None, shape, dtype: torch.dtype) -> None:
+def check_tensor(file, key: str, entry: TensorEntry | None, shape, dtype: torch.dtype, flat_ok: bool = False) -> None:
+    """``entry`` (a safetensors header entry) may be bound where a tensor of ``shape`` and
+    ``dtype`` is expected. ``flat_ok``: a 1-D tensor of the same element count and dtype is
+    accepted too (format version 1 stored packed codes flat; QuantLinear reads both)."""
     if entry is None:
         refuse(file, key, "missing from the weights")
-    if tuple(entry.shape) != tuple(shape) or not _dtype_fits(entry.dtype, dtype):
+    flat = flat_ok and len(entry.shape) == 1 and entry.shape[0] == math.prod(shape) \
+        and SAFETENSORS_DTYPES.get(entry.dtype) == dtype
+    if (tuple(entry.shape) != tuple(shape) and not flat) or not _dtype_fits(entry.dtype, dtype):
         refuse(file, key, f"stored as {list(entry.shape)} {entry.dtype}, but the module expects "
                           f"{list(shape)} {str(dtype).removeprefix('torch.')}")
 
@@ -106,7 +111,8 @@ def persistent_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.T
     return out
 
 
-def check_module_configs(file, modules, tensors: dict[str, TensorEntry], dtype: torch.dtype) -> dict[str, dict]:
+def check_module_configs(file, modules, tensors: dict[str, TensorEntry], dtype: torch.dtype,
+                         flat_ok: bool = False) -> dict[str, dict]:
     """``modules`` (name -> config) of a ``slimformer.json``/``offload.json`` in ``file``, each
     a registered type whose every tensor is in ``tensors`` (the safetensors headers) with the
     shape and dtype it needs. Built on the meta device: nothing is allocated."""
@@ -128,7 +134,7 @@ def check_module_configs(file, modules, tensors: dict[str, TensorEntry], dtype: 
             _config_value(file, f"{where}.{key}", value)
         module = build_on_meta(file, where, MODULE_TYPES[kind], cfg, dtype)
         for key, t in persistent_tensors(module, name + ".").items():
-            check_tensor(file, key, tensors.get(key), t.shape, t.dtype)
+            check_tensor(file, key, tensors.get(key), t.shape, t.dtype, flat_ok)
     return modules
 
 
@@ -231,7 +237,7 @@ def check_compressed_dir(directory: Path, dtype: torch.dtype = torch.float32,
     if not weights.is_file():
         refuse(directory, weights_file, "missing")
     header = check_safetensors(weights)
-    check_module_configs(file, meta["modules"], header.tensors, dtype)
+    check_module_configs(file, meta["modules"], header.tensors, dtype, flat_ok=version == 1)
     check_model_config(directory, header.tensors)
     return meta, header
 

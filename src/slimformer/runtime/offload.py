@@ -442,7 +442,8 @@ def _index(directory: Path, dtype: torch.dtype | None = None):
             index[key] = str(path)
             entries[key] = entry
     if marker is not None:
-        check_module_configs(marker, meta["modules"], entries, dtype or stored or torch.float32)
+        check_module_configs(marker, meta["modules"], entries, dtype or stored or torch.float32,
+                             flat_ok=meta["format_version"] == 1)
     return index, meta, stored, entries
 
 
@@ -542,9 +543,10 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
 
     # Every stored tensor has the shape (and a compatible dtype) of what it is bound to: the
     # kernels trust the module's sizes, so a crafted file must not bind a shorter buffer.
+    flat_ok = meta.get("format_version") == 1
     for name, _, _, _, t in named:
         key = source[name]
-        check_tensor(index[key], key, headers[key], t.shape, t.dtype)
+        check_tensor(index[key], key, headers[key], t.shape, t.dtype, flat_ok)
     dtypes = {source[n]: t.dtype for n, _, _, _, t in named}
     entries: list[list[_Entry]] = [[] for _ in block_modules]
     resident: dict[str, torch.Tensor] = {}
@@ -553,7 +555,8 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
         key = source[name]
         b = _block_of(name, prefix)
         if b is not None:
-            placeholder = torch.empty(t.shape, dtype=dtypes[key], device="meta")
+            # the stored shape: checked above to be the module's (or its flat form, version 1)
+            placeholder = torch.empty(headers[key].shape, dtype=dtypes[key], device="meta")
             if is_param:
                 placeholder = nn.Parameter(placeholder, requires_grad=False)
             entries[b].append(_Entry(key, module, attr, is_param, placeholder))
