@@ -114,6 +114,25 @@ def _compressed_seed(root: Path) -> Path:
     return out
 
 
+MIXED_RECIPE = r"""name: fuzz-mixed
+stages:
+  - NMSparsity: {n: 2, m: 4, targets: {include: ['mlp\..*']}}
+  - GOBO: {bits: 4, granularity: channel, outlier_sigma: 3.0, targets: {include: ['self_attn\.[qk]_proj']}}
+  - RTN: {bits: 8, targets: {include: ['self_attn\.[vo]_proj']}}
+"""
+
+
+def _mixed_seed(root: Path) -> Path:
+    """A compressed directory holding several module types (SparseLinear, GOBOLinear, QuantLinear)."""
+    import slimformer.api as api
+    from slimformer.recipes.schema import parse_recipe
+
+    model, tok = _tiny_llama_parts()
+    out = root / "mixed"
+    api.compress((model, tok), parse_recipe(MIXED_RECIPE), out, progress=False, overwrite=True)
+    return out
+
+
 def _offload_seed(root: Path) -> Path:
     import slimformer.api as api
     from slimformer.models.compressed import load_compressed
@@ -315,11 +334,20 @@ def read_safetensors(path: Path):
     return header
 
 
-@target("compressed-check", 0.15, files=("slimformer.json", "config.json", "model.safetensors"),
+@target("compressed-check", 0.10, files=("slimformer.json", "config.json", "model.safetensors"),
         description="check_compressed_dir: slimformer.json schema, registered types, module sizes vs the "
                     "safetensors header, config.json bounds")
 @seeded(_compressed_seed)
 def read_compressed_check(path: Path):
+    from slimformer.models.validate import check_compressed_dir
+
+    return check_compressed_dir(path)
+
+
+@target("compressed-mixed-check", 0.05, files=("slimformer.json", "model.safetensors"),
+        description="check_compressed_dir on a directory of several module types (sparse 2:4, GOBO, int8)")
+@seeded(_mixed_seed)
+def read_mixed_check(path: Path):
     from slimformer.models.validate import check_compressed_dir
 
     return check_compressed_dir(path)

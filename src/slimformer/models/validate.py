@@ -133,8 +133,12 @@ def check_module_configs(file, modules, tensors: dict[str, TensorEntry], dtype: 
         for key, value in cfg.items():
             _config_value(file, f"{where}.{key}", value)
         module = build_on_meta(file, where, MODULE_TYPES[kind], cfg, dtype)
+        # A submodule that is itself listed (InputScaledLinear's quantised inner layer) is
+        # replaced by that entry: its tensors are checked there.
         for key, t in persistent_tensors(module, name + ".").items():
-            check_tensor(file, key, tensors.get(key), t.shape, t.dtype, flat_ok)
+            owners = key[len(name) + 1:].split(".")[:-1]   # submodule path below this module
+            if not any(f"{name}.{'.'.join(owners[:i])}" in modules for i in range(1, len(owners) + 1)):
+                check_tensor(file, key, tensors.get(key), t.shape, t.dtype, flat_ok)
     return modules
 
 
