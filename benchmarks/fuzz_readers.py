@@ -904,6 +904,8 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
     parser.add_argument("--workers", type=int, default=1, help="worker processes reading cases in parallel")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop starting cases after this long (the JSON records how many ran)")
     parser.add_argument("--out", default=str(RESULTS / "fuzz_readers.json"))
     parser.add_argument("--findings", default=str(ROOT / "benchmarks" / "results" / "fuzz_findings"))
     parser.add_argument("--worker", nargs=2, metavar=("SEEDS", "WORK"), help=argparse.SUPPRESS)
@@ -929,6 +931,7 @@ def main() -> None:
             print(json.dumps({**run_case(args.replay[0], path, size), "file": file}, indent=2))
             return
         started = time.time()
+        load_at_start = [round(x, 1) for x in os.getloadavg()]
         cases = plan_cases(args.cases, args.seed, names)
         workers = [Worker(seed_root, tmp / f"work{k}", tmp / f"worker{k}.log") for k in range(args.workers)]
         outcomes = []
@@ -936,6 +939,8 @@ def main() -> None:
         todo = iter(cases)
 
         def feed(w: Worker) -> None:
+            if args.max_seconds and time.time() - started > args.max_seconds:
+                return             # out of time: the cases run so far are a uniform sample (shuffled)
             case = next(todo, None)
             if case is not None:
                 w.send(*case)
@@ -978,10 +983,11 @@ def main() -> None:
         per = summarize(outcomes, names)
         payload = {
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "protocol": {"cases": len(cases), "seed": args.seed, "timeout_s": args.timeout,
+            "protocol": {"cases": len(cases), "max_seconds": args.max_seconds, "seed": args.seed, "timeout_s": args.timeout,
                          "memory_bound": f"{MEMORY_SLACK} B + {MEMORY_PER_BYTE} x input bytes (tracemalloc peak, "
                                          "and growth of the worker's resident high-water mark)",
-                         "mutations_per_case": "1-3", "threads": 1},
+                         "mutations_per_case": "1-3", "torch_threads_per_worker": 1},
+            "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_at_start},
             "seconds": round(time.time() - started, 1),
             "workers": args.workers,
             "worker_starts": sum(w.starts for w in workers),
