@@ -731,7 +731,7 @@ def make_case(seeds: Seeds, name: str, case_seed: int, work: Path) -> tuple[Path
     return path, total, chosen.name
 
 
-def run_case(name: str, path: Path, size: int, timeout_note: bool = False) -> dict:
+def run_case(name: str, path: Path, size: int) -> dict:
     """Run target ``name``'s reader on ``path`` in this process: the outcome, its time and its
     Python-level memory peak (tracemalloc, numpy's buffers included)."""
     import tracemalloc
