@@ -897,6 +897,39 @@ def summarize(outcomes: list[dict], names) -> dict:
     return per
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs (different seeds): counts add, maxima and weighted means
+    combine; each run's protocol is kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    targets: dict[str, dict] = {}
+    for run in runs:
+        for name, r in run["targets"].items():
+            t = targets.setdefault(name, {"description": r["description"], "refused_by": {}})
+            n0, n1 = t.get("cases", 0), r["cases"]
+            for key in ("cases", "ok", "refused", "findings", "crashes", "timeouts"):
+                t[key] = t.get(key, 0) + r[key]
+            for key in ("max_input_bytes", "max_peak_bytes", "max_peak_over_input", "max_rss_growth_bytes",
+                        "max_seconds"):
+                t[key] = max(t.get(key, 0), r.get(key, 0))
+            t["mean_seconds"] = (t.get("mean_seconds", 0) * n0 + r["mean_seconds"] * n1) / (n0 + n1)
+            for err, count in r["refused_by"].items():
+                t["refused_by"][err] = t["refused_by"].get(err, 0) + count
+    total = {key: sum(t[key] for t in targets.values()) for key in ("findings", "crashes", "ok", "refused")}
+    return {
+        "date": runs[0]["date"],
+        "protocol": {**runs[0]["protocol"], "runs": [{"seed": r["protocol"]["seed"], "cases": r["total"]["cases"],
+                                                     "planned": r["protocol"]["cases"],
+                                                     "max_seconds": r["protocol"].get("max_seconds"),
+                                                     "workers": r.get("workers"), "seconds": r["seconds"]}
+                                                    for r in runs]},
+        "machine": runs[0].get("machine"),
+        "seconds": sum(r["seconds"] for r in runs),
+        "total": {"cases": sum(r["total"]["cases"] for r in runs), **total},
+        "targets": targets,
+        "findings": [f for r in runs for f in r["findings"]][:50],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=100_000)
@@ -910,7 +943,11 @@ def main() -> None:
     parser.add_argument("--findings", default=str(ROOT / "benchmarks" / "results" / "fuzz_findings"))
     parser.add_argument("--worker", nargs=2, metavar=("SEEDS", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--replay", nargs=2, metavar=("TARGET", "CASE_SEED"), help="rerun one case in this process")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine the results of several runs into --out")
     args = parser.parse_args()
+    if args.merge:
+        Path(args.out).write_text(json.dumps(merge(args.merge), indent=2) + "\n")
+        return
     if args.worker:
         worker(Path(args.worker[0]), Path(args.worker[1]))
         return

@@ -303,7 +303,10 @@ def fuzz_readers_table(payload: dict) -> str:
     total, protocol = payload["total"], payload["protocol"]
     lines = [
         f"Reader fuzzing ({payload['date']}; `benchmarks/fuzz_readers.py` → `benchmarks/results/fuzz_readers.json`): "
-        f"{total['cases']:,} mutated files (1–3 mutations each: bit flips, interesting bytes and integers, truncation, "
+        f"{total['cases']:,} mutated files"
+        + (f" in {len(protocol['runs'])} runs (seeds {', '.join(str(r['seed']) for r in protocol['runs'])})"
+           if protocol.get("runs") else f" (seed {protocol['seed']})")
+        + f" (1–3 mutations each: bit flips, interesting bytes and integers, truncation, "
         f"extension, and fields aimed at lengths, counts, offsets, shapes and names), each read in a worker process; "
         f"a finding is any exception other than our one-line errors, a crash, a hang, or a Python memory peak above "
         f"{protocol['memory_bound']}. Findings: **{total['findings']}** (crashes: {total['crashes']}).",
