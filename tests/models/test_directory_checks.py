@@ -90,6 +90,7 @@ def test_sizes_must_match_the_stored_tensors_before_allocating(compressed):
 
 @pytest.mark.parametrize("edit,field", [
     (lambda m: m["modules"][Q]["weight"].update(bits="four"), "bits"),
+    (lambda m: m["modules"][Q]["weight"].update(group_size=31), "group_size 31"),   # fuzz finding
     (lambda m: m["modules"][Q].update(in_features=1.5e300), f"modules['{Q}']"),
     (lambda m: m["modules"].update({"../../x": {"type": "QuantLinear"}}), "dotted module name"),
     (lambda m: m.update(modules=[1, 2]), "modules"),
@@ -114,6 +115,13 @@ def test_a_module_must_keep_its_layer_shape(compressed):
 @pytest.mark.parametrize("key,value", [("num_hidden_layers", 10**6), ("hidden_size", 2**40),
                                        ("max_position_embeddings", 2**33)])
 def test_config_json_sizes_bounded_by_the_weights(compressed, key, value):
+    _edit_json(compressed / "config.json", lambda c: c.update({key: value}))
+    _refused(lambda: slimformer.load(compressed), "config.json", key)
+
+
+@pytest.mark.parametrize("key,value", [("attention_dropout", None), ("attention_dropout", 64.0),
+                                       ("attention_dropout", 64)])   # fuzz findings: they failed at the first forward
+def test_config_json_values_typed(compressed, key, value):
     _edit_json(compressed / "config.json", lambda c: c.update({key: value}))
     _refused(lambda: slimformer.load(compressed), "config.json", key)
 

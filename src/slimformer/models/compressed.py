@@ -19,7 +19,7 @@ from slimformer.models.hf import (
     first_line,
     model_class,
 )
-from slimformer.models.validate import check_compressed_dir, check_replaces, check_skeleton
+from slimformer.models.validate import check_compressed_dir, check_config_types, check_replaces, check_skeleton
 from slimformer.nn.registry import MODULE_TYPES
 from slimformer.nn.surgery import set_module
 from slimformer.util.atomic import atomic_directory
@@ -83,6 +83,7 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild model from {path}: {first_line(exc)}") from None
+    check_config_types(path / "config.json", config)
 
     def skeleton(include_buffers: bool):
         # Parameters on the meta device: no fp32 copy of the weights that are about to be

@@ -258,3 +258,19 @@ def check_replaces(file, model: nn.Module, name: str, cfg: dict) -> None:
         want = getattr(old, attr, getattr(old, "nx" if attr == "in_features" else "nf", None))  # Conv1D: nx, nf
         if want is not None and attr in cfg and cfg[attr] != want:
             refuse(file, f"{where}.{attr}", f"{cfg[attr]}, but the model's layer has {want}")
+
+
+def check_config_types(file, config) -> None:
+    """Fields whose default in the config's class is a number hold a number (a null or a
+    string there passes transformers' loading and fails at the first forward). Token ids
+    are left alone: real checkpoints set them to null."""
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:   # a class without usable defaults: nothing to compare with
+        return
+    for key, default in defaults.items():
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or key.endswith("token_id"):
+            continue
+        value = getattr(config, key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            refuse(file, key, f"expected a number (the default is {default}), found {type(value).__name__}")

@@ -43,6 +43,7 @@ from slimformer.models.hf import (
 )
 from slimformer.models.validate import (
     check_compressed_dir,
+    check_config_types,
     check_file_name,
     check_model_config,
     check_module_configs,
@@ -457,6 +458,7 @@ def _skeleton(directory: Path, meta: dict, dtype: torch.dtype, headers: dict[str
         config = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelLoadError(f"cannot read model config of {directory}: {first_line(exc)}") from None
+    check_config_types(directory / "config.json", config)
     cls = model_class(config)   # raises UnsupportedArchitectureError
 
     def build(include_buffers: bool):
