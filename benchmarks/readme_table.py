@@ -407,6 +407,29 @@ def embedding_head_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def fuzz_readers_table(payload: dict) -> str:
+    total, protocol = payload["total"], payload["protocol"]
+    lines = [
+        f"Reader fuzzing ({payload['date']}; `benchmarks/fuzz_readers.py` → `benchmarks/results/fuzz_readers.json`): "
+        f"{total['cases']:,} mutated files"
+        + (f" in {len(protocol['runs'])} runs (seeds {', '.join(str(r['seed']) for r in protocol['runs'])})"
+           if protocol.get("runs") else f" (seed {protocol['seed']})")
+        + f" (1–3 mutations each: bit flips, interesting bytes and integers, truncation, "
+        f"extension, and fields aimed at lengths, counts, offsets, shapes and names), each read in a worker process; "
+        f"a finding is any exception other than our one-line errors, a crash, a hang, or a Python memory peak above "
+        f"{protocol['memory_bound']}. Findings: **{total['findings']}** (crashes: {total['crashes']}).",
+        "",
+        "| reader | cases | read | refused (one line) | findings | largest input B | max traced peak B | peak / input "
+        "| max RSS high-water growth B | mean ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in payload["targets"].items():
+        lines.append(f"| {name} | {r['cases']:,} | {r['ok']:,} | {r['refused']:,} | {r['findings']} | "
+                     f"{r['max_input_bytes']:,} | {r['max_peak_bytes']:,} | {r['max_peak_over_input']:.1f} | "
+                     f"{r.get('max_rss_growth_bytes', 0):,} | {1000 * r['mean_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "runtime_before_after.json": runtime_before_after_text,
@@ -414,7 +437,8 @@ TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
           "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table,
           "export_compressed_tensors.json": export_compressed_tensors_table,
-          "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table}
+          "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table,
+          "fuzz_readers.json": fuzz_readers_table}
 
 
 def render() -> str:

@@ -287,6 +287,8 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
         check_output_dir(Path(out), overwrite)
     task_dir = resolve_task_data(task_data) if tasks else None
     recipes = override_each([_recipe(r) for r in recipes], overrides)
+    for recipe in recipes:
+        _recipe_dir(Path(out or "."), recipe.name)   # a name that is a path fails now, not after an hour
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     _check_decoder(base, "compare")
     text = load_text(data, role="eval")
@@ -307,7 +309,7 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
         rows.append(row)
         for recipe in recipes:
             say(f"[{recipe.name}] compressing")
-            model_dir = (out_tmp / "models" / recipe.name) if save_models and out_tmp else Path(scratch) / recipe.name
+            model_dir = _recipe_dir(out_tmp / "models" if save_models and out_tmp else Path(scratch), recipe.name)
             result = compress((base, tokenizer), recipe, model_dir, calib=calib, calib_samples=calib_samples,
                               seqlen=seqlen, overwrite=True, progress=progress, source_name=source)
             say(f"[{recipe.name}] measuring")
@@ -327,6 +329,18 @@ def compare(model, recipes=DEFAULT_COMPARE_RECIPES, data: str = "pydoc", out=Non
         if out_tmp is not None:
             write_report(rows, out_tmp, run_meta(source, text.describe(), seqlen, len(wins)))
     return rows
+
+
+def _recipe_dir(base: Path, name: str) -> Path:
+    """``base/name`` for a recipe's model: the name must be a plain name and the path must
+    stay inside ``base`` (the compress step replaces it with overwrite=True)."""
+    from slimformer.recipes.schema import check_recipe_name
+
+    check_recipe_name(name)
+    path = (base / name).resolve()
+    if path.parent != base.resolve():
+        raise RecipeError(f"recipe name {name!r} leads outside {base}")
+    return path
 
 
 @contextlib.contextmanager

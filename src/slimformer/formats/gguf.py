@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from slimformer.errors import ModelLoadError
 from slimformer.formats.matrix import (
     F32,
     Q4,
@@ -33,11 +34,16 @@ BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 def from_gguf_tensor(name: str, qtype: str, data: np.ndarray, N: int, K: int) -> CompressedMatrix:
     """One GGUF tensor's blocks (``data``: ``[N, bytes per row]`` uint8, or the float
-    values for F32/F16/BF16) as a description: Q8_0 -> Q8, Q4_0/Q4_1 -> Q4, floats -> F32."""
+    values for F32/F16/BF16) as a description: Q8_0 -> Q8, Q4_0/Q4_1 -> Q4, floats -> F32.
+    ``data`` must hold exactly ``N x K`` weights of ``qtype`` (:class:`ModelLoadError` otherwise)."""
+    _check_size(name, qtype, data, N, K)
     if qtype in ("F32", "F16", "BF16"):
         arr = np.asarray(data)
-        w = torch.from_numpy(arr.astype(np.float32) if qtype != "BF16" else
-                             (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)).reshape(N, K)
+        if qtype == "BF16":
+            bits = np.ascontiguousarray(arr).reshape(-1).view(np.uint16)
+            w = torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32)).reshape(N, K)
+        else:
+            w = torch.from_numpy(arr.astype(np.float32)).reshape(N, K)
         return from_dense(name, w, None)
     if K % GGUF_BLOCK:
         raise UnsupportedFormat(f"tensor {name}: {K} columns are not whole blocks of {GGUF_BLOCK}")
@@ -61,6 +67,30 @@ def from_gguf_tensor(name: str, qtype: str, data: np.ndarray, N: int, K: int) ->
     packed = torch.from_numpy(np.ascontiguousarray(qs)).reshape(N, K // 2)
     return CompressedMatrix(name, Q4, N, K, GGUF_BLOCK, packed, d.contiguous(), minv.contiguous(),
                             symmetric=symmetric)
+
+
+_FLOAT_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _check_size(name: str, qtype: str, data, N: int, K: int) -> None:
+    """``data`` holds exactly the ``[N, K]`` matrix ``qtype`` says, before anything is reshaped."""
+    if not (isinstance(N, int) and isinstance(K, int) and N > 0 and K > 0):
+        raise ModelLoadError(f"GGUF tensor {name}: shape [{N}, {K}] is not a matrix")
+    arr = np.asarray(data)
+    if qtype in _FLOAT_ITEMSIZE:
+        if qtype == "BF16":   # gguf.GGUFReader hands bfloat16 over as its bytes
+            ok = arr.dtype in (np.uint8, np.uint16) and arr.nbytes == 2 * N * K
+        else:
+            ok = arr.dtype.kind == "f" and arr.dtype.itemsize == _FLOAT_ITEMSIZE[qtype] and arr.size == N * K
+        if not ok:
+            raise ModelLoadError(f"GGUF tensor {name}: {qtype} data is {arr.size} x {arr.dtype}, expected {N} x {K} "
+                                 f"{qtype} values")
+        return
+    if qtype in BLOCK_BYTES and K % GGUF_BLOCK == 0:
+        expected = N * (K // GGUF_BLOCK) * BLOCK_BYTES[qtype]
+        if arr.dtype != np.uint8 or arr.size != expected:
+            raise ModelLoadError(f"GGUF tensor {name}: {qtype} data is {arr.nbytes} bytes ({arr.dtype}), "
+                                 f"expected {expected} for [{N}, {K}]")
 
 
 def _fp16_exact(t: torch.Tensor) -> bool:

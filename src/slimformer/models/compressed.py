@@ -18,8 +18,8 @@ from slimformer.models.hf import (
     COMPRESSED_MARKER,
     first_line,
     model_class,
-    read_compressed_config,
 )
+from slimformer.models.validate import check_compressed_dir, check_config_types, check_replaces, check_skeleton
 from slimformer.nn.base import link_modules
 from slimformer.nn.registry import MODULE_TYPES
 from slimformer.nn.surgery import set_module
@@ -77,23 +77,31 @@ def weight_bytes(path: str | os.PathLike) -> int:
 def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoTokenizer
 
-    meta = read_compressed_config(path)
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise ModelLoadError(f"{path}: unsupported slimformer format {meta.get('format_version')!r}")
+    # Every field, module type and size is checked against the weights' header before
+    # anything is built: a crafted slimformer.json or config.json cannot force allocations.
+    meta, header = check_compressed_dir(path, dtype, WEIGHTS_FILE, READABLE_VERSIONS)
     try:
         config = AutoConfig.from_pretrained(str(path))
-        # Parameters on the meta device (buffers stay real): no fp32 copy of the weights
-        # that are about to be replaced by packed ones is ever allocated.
-        with init_empty_weights(include_buffers=False):
+    except Exception as exc:
+        raise ModelLoadError(f"cannot rebuild model from {path}: {first_line(exc)}") from None
+    check_config_types(path / "config.json", config)
+
+    def skeleton(include_buffers: bool):
+        # Parameters on the meta device: no fp32 copy of the weights that are about to be
+        # replaced by packed ones is ever allocated.
+        with init_empty_weights(include_buffers=include_buffers):
             model = model_class(config).from_config(config, dtype=dtype)
         model.tie_weights()   # on meta, so the tied groups below are known
+        return model
+
+    check_skeleton(path, lambda: skeleton(True), header.file_size)
+    try:
+        model = skeleton(False)
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild model from {path}: {first_line(exc)}") from None
     for name, cfg in meta["modules"].items():
-        cls = MODULE_TYPES.get(cfg.get("type"))
-        if cls is None:
-            raise ModelLoadError(f"{path}: unknown module type {cfg.get('type')!r} at {name}")
-        set_module(model, name, cls.from_config(cfg, dtype))
+        check_replaces(path / COMPRESSED_MARKER, model, name, cfg)
+        set_module(model, name, MODULE_TYPES[cfg["type"]].from_config(cfg, dtype))
     link_modules(model)   # e.g. a tied int8 LM head to its embedding's codes (stored once, under the embedding)
     # Tied parameters (embedding / LM head) are one object under several names; the
     # file holds them once, so the other names are pointed at the loaded tensor.

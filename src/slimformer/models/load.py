@@ -126,6 +126,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise ModelLoadError(f"GGUF file not found: {path}")
     if not _is_gguf(path):
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic number)")
+    from slimformer.formats.gguf_check import check_gguf
+
+    check_gguf(path)   # sizes, offsets, counts and types, before transformers' reader maps anything
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # corrupt header, unknown GGUF architecture
@@ -167,6 +170,10 @@ def _load_hf(name: str, dtype: torch.dtype, trust_pickle: bool, local: bool):
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
         has_safetensors = any(path.glob("*.safetensors"))
+        from slimformer.formats.safetensors_check import check_safetensors
+
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)   # lengths, dtypes, shapes and offsets, before transformers maps them
         if not has_safetensors and any((path / f).exists() for f in _PICKLE_FILES):
             if not trust_pickle:
                 raise UnsafeCheckpointError(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer import kernels
+from slimformer.errors import QuantConfigError
 from slimformer.formats import packing
 from slimformer.formats.matrix import (
     Q4,
@@ -361,4 +362,9 @@ class QuantLinear(CompressedLinear):
     @classmethod
     def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
         act = ActSpec(**cfg["act"]) if cfg.get("act") else None
-        return cls(cfg["in_features"], cfg["out_features"], WeightSpec(**cfg["weight"]), act, cfg["bias"], dtype)
+        spec = WeightSpec(**cfg["weight"])
+        if spec.granularity == "group" and cfg["in_features"] % spec.group_size:
+            # what a saved module never holds: its kernels would refuse it at the first forward
+            raise QuantConfigError(f"weight.group_size {spec.group_size} does not divide in_features "
+                                   f"{cfg['in_features']}")
+        return cls(cfg["in_features"], cfg["out_features"], spec, act, cfg["bias"], dtype)

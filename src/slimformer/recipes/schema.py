@@ -18,6 +18,7 @@ value is read as a YAML scalar and checked exactly as the recipe's own arguments
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,19 @@ from slimformer.core.transform import Transform, build_transform, registered
 from slimformer.errors import RecipeError
 
 _TOP_KEYS = {"name", "description", "stages", "train"}
+MAX_RECIPE_BYTES = 1 << 20
+# A recipe's name becomes a directory and file name (compare's models/NAME, report rows):
+# a plain name, never a path.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def check_recipe_name(name) -> str:
+    """``name`` if it is a safe plain name (letters, digits, ``. _ + -``, at most 100
+    characters, no ``..``): it is used as a path component."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise RecipeError(f"recipe name {str(name)[:80]!r} is not a plain name (letters, digits, '.', '_', '+', '-'; "
+                          "at most 100 characters; no '..' or '/')")
+    return name
 
 
 @dataclass
@@ -38,14 +52,50 @@ class Recipe:
     text: str = field(default="", repr=False)   # the YAML verbatim, stored with every output
     train: dict = field(default_factory=dict)    # training settings for `slimformer train`
 
+    def __post_init__(self):
+        check_recipe_name(self.name)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases (a recipe never needs them; they let a small file
+    stand for a huge tree)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RecipeError(f"invalid recipe YAML at line {event.start_mark.line + 1}: aliases (*name) are not accepted")
+        return super().compose_node(parent, index)
+
+
+MAX_FLOW_DEPTH = 64
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of [ ] / { } (quotes ignored: an over-estimate). PyYAML's scanner slows
+    down superlinearly on deep flow nesting, so it is bounded before YAML sees the text."""
+    depth = deepest = 0
+    for ch in _BRACKETS.sub("", text):
+        depth = depth + 1 if ch in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
 
 def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is {len(text)} characters, more than the {MAX_RECIPE_BYTES} allowed")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise RecipeError(f"invalid recipe YAML: [ ] / {{ }} nested more than {MAX_FLOW_DEPTH} levels")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)   # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"invalid recipe YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc)
+        problem = (problem.strip().splitlines() or ["unreadable"])[0]   # one line: PyYAML adds the position below
+        raise RecipeError(f"invalid recipe YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError("invalid recipe YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with a 'stages' list")
     unknown = set(data) - _TOP_KEYS
@@ -71,8 +121,14 @@ def parse_recipe(text: str, default_name: str = "recipe") -> Recipe:
     from slimformer.train.loop import TrainConfig
 
     TrainConfig.parse(train)   # validate now: a typo fails when the recipe is read, not after loading the model
-    return Recipe(default_name if name is None else str(name), transforms,
-                  "" if description is None else str(description), text, train)
+    if name is None:
+        try:
+            name = check_recipe_name(default_name)
+        except RecipeError as exc:
+            raise RecipeError(f"{exc}; the name comes from the file name here: add a 'name:' key") from None
+    if description is not None and not isinstance(description, str):
+        raise RecipeError(f"recipe key 'description' must be text, found {type(description).__name__}")
+    return Recipe(check_recipe_name(name), transforms, "" if description is None else description, text, train)
 
 
 def _builtin_dir():
@@ -97,7 +153,17 @@ def load_recipe(name_or_path: str) -> Recipe:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        return parse_recipe(path.read_text(), path.stem)
+        try:
+            size = path.stat().st_size
+            if size > MAX_RECIPE_BYTES:
+                raise RecipeError(f"{path}: {size} bytes, more than the {MAX_RECIPE_BYTES} a recipe may have")
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path}: cannot read the recipe ({str(exc).splitlines()[0][:120]})") from None
+        try:
+            return parse_recipe(text, path.stem)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
     raise RecipeError(f"unknown recipe '{name_or_path}' (built-in: {', '.join(builtins)}; or a .yaml path)")
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slimformer.errors import SlimformerError, UnsupportedArchitectureError
+from slimformer.errors import ModelLoadError, SlimformerError, UnsupportedArchitectureError
+from slimformer.formats.gguf_check import check_gguf
 from slimformer.kernels._build import disabled as kernels_disabled
 from slimformer.kernels.abi import CLayer, CLinear, CModel, CScratch
 from slimformer.models.adapters.base import DecoderSpec, adapter_for
@@ -161,10 +162,19 @@ class NativeDecoder:
         blocks = adapter.get_blocks(model)
         gguf = _gguf_linears(gguf_path, spec, adapter) if gguf_path is not None else {}
 
+        def matching(lin: RtLinear, module) -> RtLinear:
+            """A GGUF matrix stands in for ``module`` only with its exact shape (the kernels
+            trust N and K)."""
+            want = _matrix_shape(module)
+            if (lin.N, lin.K) != want:
+                raise ModelLoadError(f"{gguf_path}: GGUF tensor for {lin.name} is [{lin.N}, {lin.K}], "
+                                     f"but the model's is {list(want)}")
+            return lin
+
         def lin(i: int, name: str) -> RtLinear:
             full = f"{adapter.blocks}.{i}.{name}"
             if full in gguf:
-                return gguf[full]
+                return matching(gguf[full], blocks[i].get_submodule(name))
             return W.from_module(full, blocks[i].get_submodule(name))
 
         def weight(module_or_block, path: str | None) -> torch.Tensor | None:
@@ -190,6 +200,9 @@ class NativeDecoder:
         # tied: one table (a dense Parameter shared by both, or an int8 head reading the embedding's codes)
         tied = head_module is not None and (getattr(head_module, "embedding", None) is emb_module or (
             emb_weight is not None and getattr(head_module, "weight", None) is emb_weight))
+        for key, module in (("lm_head", head_module), ("embed_tokens", emb_module)):
+            if key in gguf:
+                matching(gguf[key], module if module is not None else emb_module)
         if "lm_head" in gguf:
             lm_head = gguf["lm_head"]
         elif tied and "embed_tokens" in gguf:
@@ -441,6 +454,7 @@ def _gguf_linears(path: str | Path, spec: DecoderSpec, adapter) -> dict[str, RtL
     names, blocks = dict(adapter.gguf_linears), adapter.blocks
     if not names:
         raise UnsupportedArchitectureError(f"no GGUF tensor names known for {spec.model_type}")
+    check_gguf(path)   # sizes, offsets, counts and types, before the reader maps anything
     reader = gguf.GGUFReader(str(path))
     out: dict[str, RtLinear] = {}
     n_head, n_kv = spec.n_heads, spec.n_kv_heads
@@ -448,17 +462,35 @@ def _gguf_linears(path: str | Path, spec: DecoderSpec, adapter) -> dict[str, RtL
         parts = t.name.split(".")
         qtype = t.tensor_type.name
         K, N = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
-        if parts[0] == "blk" and parts[2] in names and parts[-1] == "weight":
+        is_linear = len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names \
+            and parts[3] == "weight"
+        if (is_linear or t.name in ("token_embd.weight", "output.weight")) and len(t.shape) != 2:
+            raise ModelLoadError(f"{path}: GGUF tensor {t.name!r} dims: {len(t.shape)} dims, expected a matrix")
+        if is_linear:
             name = f"{blocks}.{parts[1]}.{names[parts[2]]}"
             lin = W.from_gguf_tensor(name, qtype, t.data, N, K)
             if parts[2] in ("attn_q", "attn_k"):
-                lin = W.select_rows(lin, _gguf_row_order(N, n_head if parts[2] == "attn_q" else n_kv))
+                heads = n_head if parts[2] == "attn_q" else n_kv
+                if N % (2 * heads):
+                    raise ModelLoadError(f"{path}: GGUF tensor {t.name!r} dims: {N} rows are not {heads} heads "
+                                         "of an even size")
+                lin = W.select_rows(lin, _gguf_row_order(N, heads))
             out[name] = lin
         elif t.name == "token_embd.weight":
             out["embed_tokens"] = W.from_gguf_tensor("embed_tokens", qtype, t.data, N, K)
         elif t.name == "output.weight":
             out["lm_head"] = W.from_gguf_tensor("lm_head", qtype, t.data, N, K)
     return out
+
+
+def _matrix_shape(module) -> tuple[int, int]:
+    """(rows, columns) of a linear or embedding module's weight matrix."""
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    if hasattr(module, "num_embeddings"):
+        return int(module.num_embeddings), int(module.embedding_dim)
+    weight = module.weight
+    return int(weight.shape[0]), int(weight.shape[1])
 
 
 def gguf_source_path(source: str) -> Path | None:

@@ -34,11 +34,23 @@ from safetensors.torch import save_file
 from slimformer.errors import MemoryBudgetError, ModelLoadError
 from slimformer.models.adapters import adapter_for
 from slimformer.models.compressed import MODULE_TYPES, library_versions, swapped_modules
+from slimformer.formats.safetensors_check import TensorEntry, check_safetensors
 from slimformer.models.hf import (
     COMPRESSED_MARKER,
     first_line,
     model_class,
-    read_compressed_config,
+    read_json_limited,
+)
+from slimformer.models.validate import (
+    check_compressed_dir,
+    check_config_types,
+    check_file_name,
+    check_model_config,
+    check_module_configs,
+    check_replaces,
+    check_skeleton,
+    check_tensor,
+    refuse,
 )
 from slimformer.nn.base import CompressedModule, link_modules
 from slimformer.nn.surgery import set_module
@@ -248,6 +260,13 @@ class Offloader:
         return block.pinned or self.window == 0 or self._streaming_resident() < self.window
 
     def _bind(self, block: _Block, tensors: dict[str, torch.Tensor]) -> None:
+        for e in block.entries:   # checked at load; again here, as the files may have changed since
+            t = tensors.get(e.key)
+            if t is None or t.shape != e.placeholder.shape or t.dtype != e.placeholder.dtype:
+                have = "missing" if t is None else f"{list(t.shape)} {t.dtype}"
+                file = next((f for f, keys in block.files.items() if e.key in keys), "?")
+                raise ModelLoadError(f"{file}: {e.key}: now {have}, expected {list(e.placeholder.shape)} "
+                                     f"{e.placeholder.dtype} (file changed while loaded?)")
         for e in block.entries:
             t = tensors[e.key]
             if e.is_param:
@@ -358,60 +377,107 @@ class Offloader:
                 "block_bytes": self.block_bytes, "budget_bytes": self.budget_bytes}
 
 
-def _index(directory: Path) -> tuple[dict[str, str], dict, torch.dtype | None]:
-    """key → file for every stored tensor, the layout's metadata, its dtype if recorded."""
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _offload_meta(directory: Path) -> tuple[dict, list[str], torch.dtype]:
+    """``offload.json``, every field we read checked: its files must be plain names in
+    ``directory`` (a crafted name cannot reach outside it)."""
+    file = directory / OFFLOAD_MARKER
+    try:
+        meta = read_json_limited(file)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"corrupt {OFFLOAD_MARKER} in {directory}: {exc}") from None
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        refuse(file, "format_version", f"{str(version)[:40]!r} is not one of {', '.join(map(str, READABLE_VERSIONS))}")
+    block_files = meta.get("block_files")
+    if not isinstance(block_files, list) or len(block_files) > 1 << 16:
+        refuse(file, "block_files", "expected a list of file names")
+    files = [check_file_name(file, "rest_file", meta.get("rest_file")),
+             *(check_file_name(file, f"block_files[{i}]", n) for i, n in enumerate(block_files))]
+    if len(set(files)) != len(files):
+        refuse(file, "block_files", "names a file twice")
+    num_blocks = meta.get("num_blocks")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks != len(block_files):
+        refuse(file, "num_blocks", f"{str(num_blocks)[:40]!r}, but block_files lists {len(block_files)}")
+    if not isinstance(meta.get("blocks"), str):
+        refuse(file, "blocks", "expected the blocks' module path (a string)")
+    dtype = meta.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        refuse(file, "dtype", f"{str(dtype)[:40]!r} is not one of {', '.join(_DTYPES)}")
+    for key in ("non_block_bytes",):
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0):
+            refuse(file, key, "expected a non-negative integer")
+    if "block_bytes" in meta and not (isinstance(meta["block_bytes"], list)
+                                      and all(isinstance(b, int) and not isinstance(b, bool) for b in meta["block_bytes"])):
+        refuse(file, "block_bytes", "expected a list of integers")
+    meta.setdefault("modules", {})
+    return meta, files, _DTYPES[dtype]
+
+
+def _index(directory: Path, dtype: torch.dtype | None = None):
+    """key → file for every stored tensor, the layout's metadata, its dtype if recorded, and
+    key → its checked safetensors header entry. ``modules`` are checked against the
+    headers (registered types, every tensor present with its shape) before anything is built."""
     if (directory / OFFLOAD_MARKER).exists():
-        try:
-            meta = json.loads((directory / OFFLOAD_MARKER).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"corrupt {OFFLOAD_MARKER} in {directory}: {first_line(exc)}") from None
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise ModelLoadError(f"{directory}: unsupported offload format {meta.get('format_version')!r}")
-        files = [meta["rest_file"], *meta["block_files"]]
-        dtype = getattr(torch, meta.get("dtype", "float32"), None)
+        meta, files, stored = _offload_meta(directory)
+        marker = directory / OFFLOAD_MARKER
     elif (directory / COMPRESSED_MARKER).exists():
-        meta = read_compressed_config(directory)
-        files, dtype = ["model.safetensors"], None
+        meta, header = check_compressed_dir(directory, dtype or torch.float32)
+        files, stored, marker = ["model.safetensors"], None, None   # modules checked just now
     else:
         meta = {"modules": {}}
-        files, dtype = sorted(p.name for p in directory.glob("*.safetensors")), None
+        files, stored, marker = sorted(p.name for p in directory.glob("*.safetensors")), None, None
         if not files:
             raise ModelLoadError(f"{directory} has no safetensors weights to offload")
     index: dict[str, str] = {}
+    entries: dict[str, TensorEntry] = {}
     for name in files:
         path = directory / name
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    index[key] = str(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read {path}: {first_line(exc)}") from None
-    return index, meta, dtype
+        if not path.is_file():
+            refuse(directory, name, "missing")
+        for key, entry in check_safetensors(path).tensors.items():
+            if key in index:
+                refuse(path, key, f"also stored in {Path(index[key]).name}")
+            index[key] = str(path)
+            entries[key] = entry
+    if marker is not None:
+        check_module_configs(marker, meta["modules"], entries, dtype or stored or torch.float32,
+                             flat_ok=meta["format_version"] == 1)
+    return index, meta, stored, entries
 
 
-def _skeleton(directory: Path, meta: dict, dtype: torch.dtype):
+def _skeleton(directory: Path, meta: dict, dtype: torch.dtype, headers: dict[str, TensorEntry]):
     """The model with every parameter on the meta device (buffers real), swapped modules in."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
+    check_model_config(directory, headers)   # sizes bounded by the weights, before anything is built
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelLoadError(f"cannot read model config of {directory}: {first_line(exc)}") from None
+    check_config_types(directory / "config.json", config)
     cls = model_class(config)   # raises UnsupportedArchitectureError
-    try:
-        with init_empty_weights(include_buffers=False):
+
+    def build(include_buffers: bool):
+        with init_empty_weights(include_buffers=include_buffers):
             model = cls.from_config(config, dtype=dtype)
         model.tie_weights()
+        return model
+
+    file_bytes = sum(e.nbytes for e in headers.values())
+    check_skeleton(directory, lambda: build(True), file_bytes)
+    try:
+        model = build(False)
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild model from {directory}: {first_line(exc)}") from None
     for name, cfg in meta.get("modules", {}).items():
-        module_cls = MODULE_TYPES.get(cfg.get("type"))
-        if module_cls is None:
-            raise ModelLoadError(f"{directory}: unknown module type {cfg.get('type')!r} at {name}")
+        check_replaces(directory, model, name, cfg)   # type, fields and sizes: checked by _index
         # All their buffers are stored, so none is allocated here (they are per block).
         with init_empty_weights(include_buffers=True):
-            set_module(model, name, module_cls.from_config(cfg, dtype))
+            set_module(model, name, MODULE_TYPES[cfg["type"]].from_config(cfg, dtype))
     link_modules(model)
     return model
 
@@ -453,9 +519,9 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
     budget = None if budget_bytes is None else parse_bytes(budget_bytes)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory not found: {directory}")
-    index, meta, stored_dtype = _index(directory)
+    index, meta, stored_dtype, headers = _index(directory, dtype)
     dtype = dtype or stored_dtype or torch.float32
-    model = _skeleton(directory, meta, dtype)
+    model = _skeleton(directory, meta, dtype, headers)
     adapter = adapter_for(model)
     block_modules = adapter.get_blocks(model)
     prefix = adapter.blocks + "."
@@ -478,6 +544,12 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise ModelLoadError(f"cannot load weights from {directory}: {problem}")
 
+    # Every stored tensor has the shape (and a compatible dtype) of what it is bound to: the
+    # kernels trust the module's sizes, so a crafted file must not bind a shorter buffer.
+    flat_ok = meta.get("format_version") == 1
+    for name, _, _, _, t in named:
+        key = source[name]
+        check_tensor(index[key], key, headers[key], t.shape, t.dtype, flat_ok)
     dtypes = {source[n]: t.dtype for n, _, _, _, t in named}
     entries: list[list[_Entry]] = [[] for _ in block_modules]
     resident: dict[str, torch.Tensor] = {}
@@ -486,7 +558,8 @@ def load_offloaded(directory: str | os.PathLike, budget_bytes: int | str | None,
         key = source[name]
         b = _block_of(name, prefix)
         if b is not None:
-            placeholder = torch.empty(t.shape, dtype=dtypes[key], device="meta")
+            # the stored shape: checked above to be the module's (or its flat form, version 1)
+            placeholder = torch.empty(headers[key].shape, dtype=dtypes[key], device="meta")
             if is_param:
                 placeholder = nn.Parameter(placeholder, requires_grad=False)
             entries[b].append(_Entry(key, module, attr, is_param, placeholder))
