@@ -25,6 +25,12 @@ from slimformer.nn.base import CompressedLinear, _rows
 from slimformer.nn.registry import module_type, register_module_type
 
 
+def _check_permutation(perm: torch.Tensor) -> None:
+    if perm.dim() != 1 or perm.dtype != torch.int64 or not torch.equal(torch.sort(perm).values,
+                                                                         torch.arange(perm.numel())):
+        raise ValueError("input_perm is not a permutation of the layer's input columns")
+
+
 @register_module_type
 class ActOrderLinear(CompressedLinear):
     """``inner(x[..., input_perm])``: ``input_perm`` (int64, ``[in_features]``, a
@@ -35,10 +41,16 @@ class ActOrderLinear(CompressedLinear):
         perm = torch.as_tensor(input_perm, dtype=torch.int64).reshape(-1)
         if perm.numel() != inner.in_features:
             raise ValueError(f"input permutation of {perm.numel()} columns for a layer of {inner.in_features} inputs")
-        if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
-            raise ValueError("input_perm is not a permutation of the layer's input columns")
+        if not perm.is_meta:   # a skeleton being checked has no values yet
+            _check_permutation(perm)
         self.inner = inner
         self.register_buffer("input_perm", perm.clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = state_dict.get(prefix + "input_perm")
+        if stored is not None and not stored.is_meta:
+            _check_permutation(stored)   # a file's indices must not gather outside the input
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def in_features(self) -> int:
