@@ -118,7 +118,10 @@ def test_tied_head_shares_the_codes_and_runs_the_int8_kernel():
     assert twin.lm_head.embedding is twin.model.embed_tokens and twin.lm_head.embedding is not emb
 
 
-def test_grouped_head_falls_back_to_tiles_and_says_so():
+def test_grouped_head_falls_back_to_tiles_and_says_so(monkeypatch):
+    from slimformer.nn import base
+
+    monkeypatch.setattr(base, "_WARNED", set())   # warned once per process: another test may have seen it
     model = tiny_model("llama")
     quantize_embeddings(model, 32)
     x = torch.randn(2, 5, 64)

@@ -253,7 +253,15 @@ def check_replaces(file, model: nn.Module, name: str, cfg: dict) -> None:
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        refuse(file, where, "the model has no such module")
+        # a module attached beside the layers (hidden-state quantisation) is new: its parent must exist
+        parent, _, leaf = name.rpartition(".")
+        try:
+            model.get_submodule(parent)
+        except AttributeError:
+            refuse(file, where, "the model has no such module")
+        if not leaf.isidentifier() or "in_features" in cfg or "out_features" in cfg:
+            refuse(file, where, "the model has no such layer")
+        return
     for attr in ("in_features", "out_features"):
         want = getattr(old, attr, getattr(old, "nx" if attr == "in_features" else "nf", None))  # Conv1D: nx, nf
         if want is not None and attr in cfg and cfg[attr] != want:
