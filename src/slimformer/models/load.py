@@ -94,15 +94,13 @@ def _quant_method(path: Path) -> str | None:
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if not isinstance(method, str):
         raise ModelLoadError(f"{config_path}: quantization_config.quant_method is missing or not a string")
-    return method
+    # others (e.g. "gguf", which transformers records for a model read from a GGUF file) load as before
+    return method if method in _QUANTIZED_LOADERS else None
 
 
 def _load_quantized_checkpoint(path: Path, method: str, dtype: torch.dtype):
     import importlib
 
-    if method not in _QUANTIZED_LOADERS:
-        raise ModelLoadError(f"{path / 'config.json'}: quantization_config.quant_method '{method}' is not supported "
-                             f"(supported: {', '.join(sorted(_QUANTIZED_LOADERS))})")
     module, func = _QUANTIZED_LOADERS[method].split(":")
     return getattr(importlib.import_module(module), func)(path, dtype)
 
