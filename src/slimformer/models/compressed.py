@@ -18,6 +18,8 @@ from slimformer.models.hf import (
     COMPRESSED_MARKER,
     first_line,
     model_class,
+    retie,
+    tied_groups,
 )
 from slimformer.models.validate import check_compressed_dir, check_config_types, check_replaces, check_skeleton
 from slimformer.nn.base import link_modules
@@ -105,18 +107,11 @@ def load_compressed(path: Path, dtype: torch.dtype = torch.float32):
     link_modules(model)   # e.g. a tied int8 LM head to its embedding's codes (stored once, under the embedding)
     # Tied parameters (embedding / LM head) are one object under several names; the
     # file holds them once, so the other names are pointed at the loaded tensor.
-    tied: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(param), []).append(name)
+    tied = tied_groups(model)
     try:
         state = load_file(str(path / WEIGHTS_FILE))
         _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        for names in tied.values():
-            stored = [n for n in names if n in state]
-            for name in names:
-                if stored and name not in state:
-                    owner, _, attr = name.rpartition(".")
-                    setattr(model.get_submodule(owner), attr, model.get_parameter(stored[0]))
+        retie(model, tied, state)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from {path}: {first_line(exc)}") from None

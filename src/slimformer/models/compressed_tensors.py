@@ -28,7 +28,7 @@ import torch.nn as nn
 from slimformer.errors import ModelLoadError
 from slimformer.formats import compressed_tensors as ct
 from slimformer.formats.spec import ActSpec, WeightSpec
-from slimformer.models.hf import first_line, model_class, read_json_limited
+from slimformer.models.hf import first_line, model_class, read_json_limited, retie, tied_groups
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.nn.surgery import set_module
 
@@ -222,9 +222,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
     # everything checked before any tensor is read
     checked = {name: _check_layer(name, model.get_submodule(name), scheme, tensors) for name, scheme in plan.items()}
     # the float rest: exactly the tensors transformers' model holds outside the quantised layers
-    tied: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(param), []).append(name)
+    tied = tied_groups(model)
     quant_keys = {k for k in tensors.info if k.rpartition(".")[0] in plan}
     for key in sorted(quant_keys):
         owner, _, field = key.rpartition(".")
@@ -236,7 +234,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
             raise ModelLoadError(f"{tensors.file(key)}: tensor {key} is not a tensor of the model")
         shape = shapes[key]
         tensors.check(key, tuple(_FLOATS), shape)
-    for names in tied.values():
+    for names in tied:
         if names[0].rpartition(".")[0] not in plan and not any(n in tensors.info for n in names):
             raise ModelLoadError(f"{next(iter(tensors.handles))}: tensor {names[0]} is missing")
     float_state = {key: tensors.get(key).to(dtype) for key in sorted(set(tensors.info) - quant_keys)}
@@ -248,12 +246,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
         model.load_state_dict(float_state, strict=False, assign=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from {path}: {first_line(exc)}") from None
-    for names in tied.values():
-        stored = [n for n in names if n in float_state]
-        for name in names:
-            if stored and name not in float_state:
-                owner, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(owner), attr, model.get_parameter(stored[0]))
+    retie(model, tied, float_state)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise ModelLoadError(f"{tensors.file(missing[0])}: tensor {missing[0]} is missing")

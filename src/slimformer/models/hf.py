@@ -63,3 +63,22 @@ def read_compressed_config(path: Path) -> dict:
         return read_json_limited(path / COMPRESSED_MARKER)
     except ModelLoadError as exc:
         raise ModelLoadError(f"corrupt {COMPRESSED_MARKER} in {path}: {exc}") from None
+
+
+def tied_groups(model) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied embeddings), group by group."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return list(groups.values())
+
+
+def retie(model, groups: list[list[str]], stored: set | dict) -> None:
+    """After an ``assign=True`` load of ``stored`` names: point every tied name that was not
+    stored at the parameter that was (safetensors keeps a shared tensor once)."""
+    for names in groups:
+        present = [n for n in names if n in stored]
+        for name in names:
+            if present and name not in stored:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, model.get_parameter(present[0]))
