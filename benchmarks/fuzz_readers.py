@@ -288,6 +288,28 @@ def _recipe_seed(root: Path) -> Path:
 
 # --- readers (what each case runs)
 
+def _exported_seed(root: Path, fmt: str) -> Path:
+    """A tiny Llama compressed with rtn-w4-g32 and exported with our ``fmt`` exporter
+    (the int8 embedding goes out dequantised, with a warning)."""
+    import warnings
+
+    import slimformer.api as api
+
+    model, tok = _tiny_llama_parts()
+    api.compress((model, tok), "rtn-w4-g32", root / f"{fmt}-source", progress=False, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return api.export(str(root / f"{fmt}-source"), root / fmt, format=fmt, overwrite=True)
+
+
+def _gptq_seed(root: Path) -> Path:
+    return _exported_seed(root, "gptq")
+
+
+def _compressed_tensors_seed(root: Path) -> Path:
+    return _exported_seed(root, "compressed-tensors")
+
+
 def _touch(tensor) -> None:
     """Read every byte (faults mmap pages in: a bad offset crashes here if anywhere)."""
     import torch
@@ -430,6 +452,36 @@ def read_offload_load(path: Path):
             model(torch.tensor([[1, 5, 9, 2]]))
     finally:
         model.slimformer_offload.close()
+    return model
+
+
+@target("gptq-load", 0.03, files=("config.json", "quantize_config.json", "model.safetensors"),
+        description="slimformer.models.gptq.load_gptq of a GPTQ checkpoint (qweight/qzeros/scales/g_idx) and a "
+                    "4-token forward", full_load=True)
+@seeded(_gptq_seed)
+def read_gptq_load(path: Path):
+    import torch
+
+    from slimformer.models.gptq import load_gptq
+
+    model, _ = load_gptq(path, torch.float32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 2]]))
+    return model
+
+
+@target("compressed-tensors-load", 0.03, files=("config.json", "model.safetensors"),
+        description="slimformer.models.compressed_tensors.load_compressed_tensors (pack-quantized / "
+                    "int-quantized) and a 4-token forward", full_load=True)
+@seeded(_compressed_tensors_seed)
+def read_compressed_tensors_load(path: Path):
+    import torch
+
+    from slimformer.models.compressed_tensors import load_compressed_tensors
+
+    model, _ = load_compressed_tensors(path, torch.float32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 2]]))
     return model
 
 
