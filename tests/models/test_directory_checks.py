@@ -168,3 +168,28 @@ def test_offload_refuses_a_block_file_changed_after_load(dirs, offload):
 def test_offload_json_fields_are_checked(offload, edit, field):
     _edit_json(offload / "offload.json", edit)
     _refused(lambda: load_offloaded(offload, None), "offload.json", field)
+
+
+@pytest.mark.parametrize("field, value, message", [("attention_dropout", 3, "dropout probability"),
+                                                   ("return_dict", False, "return_dict: must be true")])
+def test_imported_checkpoints_refuse_config_values_that_fail_at_the_first_forward(tmp_path, field, value, message):
+    """Fuzz findings (compressed-tensors import): a config.json value that transformers
+    accepts at load and that fails at the first forward is refused in one line, by every
+    importer of quantised checkpoints."""
+    import warnings
+
+    from slimformer.models.compressed_tensors import load_compressed_tensors
+    from slimformer.models.gptq import load_gptq
+
+    torch.manual_seed(0)
+    api.compress((tiny_model("llama", num_hidden_layers=1), tiny_tokenizer()), "rtn-w4-g32", tmp_path / "c",
+                 progress=False)
+    for fmt, load in (("gptq", load_gptq), ("compressed-tensors", load_compressed_tensors)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = api.export(str(tmp_path / "c"), tmp_path / fmt, format=fmt)
+        config = json.loads((out / "config.json").read_text())
+        config[field] = value
+        (out / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match=message):
+            load(out)

@@ -29,6 +29,7 @@ from slimformer.errors import ModelLoadError
 from slimformer.formats import compressed_tensors as ct
 from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.models.hf import first_line, model_class, read_json_limited, retie, tied_groups
+from slimformer.models.validate import check_config_types
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.nn.surgery import set_module
 
@@ -198,9 +199,12 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
         config = AutoConfig.from_pretrained(str(path))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        check_config_types(config_path, config)
         with init_empty_weights(include_buffers=False):
             model = model_class(config).from_config(config, dtype=dtype)
         model.tie_weights()
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild model from {path}: {first_line(exc)}") from None
 

@@ -50,6 +50,7 @@ import torch.nn as nn
 from slimformer.errors import ModelLoadError, UnsafeCheckpointError
 from slimformer.formats.spec import WeightSpec
 from slimformer.models.hf import first_line, model_class, read_json_limited
+from slimformer.models.validate import check_config_types
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
@@ -562,6 +563,7 @@ def load_gptq(path, dtype: torch.dtype = torch.float32):
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{where}: cannot read the model config ({first_line(exc)})") from None
+    check_config_types(where, config)
     quantization_config = getattr(config, "quantization_config", None)
     if hasattr(config, "quantization_config"):
         del config.quantization_config   # the model we build is ours, not transformers' GPTQ integration

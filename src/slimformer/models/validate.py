@@ -282,3 +282,9 @@ def check_config_types(file, config) -> None:
         value = getattr(config, key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             refuse(file, key, f"expected a number (the default is {default}), found {type(value).__name__}")
+        if "dropout" in key and not 0 <= value <= 1:
+            refuse(file, key, f"a dropout probability must be in [0, 1], found {value}")
+    # return_dict: false makes the model return tuples, which the model's own forward (and
+    # every slimformer path) reads by name: it fails at the first forward.
+    if getattr(config, "return_dict", True) is not True:
+        refuse(file, "return_dict", f"must be true, found {getattr(config, 'return_dict')!r}")
