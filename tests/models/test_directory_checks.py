@@ -170,8 +170,10 @@ def test_offload_json_fields_are_checked(offload, edit, field):
     _refused(lambda: load_offloaded(offload, None), "offload.json", field)
 
 
-@pytest.mark.parametrize("field, value, message", [("attention_dropout", 3, "dropout probability"),
-                                                   ("return_dict", False, "return_dict: must be true")])
+@pytest.mark.parametrize("field, value, message", [("attention_dropout", 3, "not a probability"),
+                                                   ("return_dict", False, "return_dict: must be true"),
+                                                   ("output_hidden_states", "x", "expected true or false"),
+                                                   ("num_hidden_layers", 2000, "the weights hold")])
 def test_imported_checkpoints_refuse_config_values_that_fail_at_the_first_forward(tmp_path, field, value, message):
     """Fuzz findings (compressed-tensors import): a config.json value that transformers
     accepts at load and that fails at the first forward is refused in one line, by every

@@ -20,6 +20,7 @@ before a tensor is read (one line naming the file and the field); nothing is wri
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from slimformer.errors import ModelLoadError
 from slimformer.formats import compressed_tensors as ct
 from slimformer.formats.spec import ActSpec, WeightSpec
 from slimformer.models.hf import first_line, model_class, read_json_limited, retie, tied_groups
-from slimformer.models.validate import check_config_types
+from slimformer.models.validate import check_config_types, check_model_config
 from slimformer.nn.quant_linear import QuantLinear
 from slimformer.nn.surgery import set_module
 
@@ -40,6 +41,11 @@ _FIELDS = {
     ct.INT_QUANTIZED: {"weight", "weight_scale", "weight_zero_point", "bias"},
     ct.NAIVE_QUANTIZED: {"weight", "weight_scale", "weight_zero_point", "bias"},
 }
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
 
 
 class _Tensors:
@@ -195,6 +201,8 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32):
     except ct.FormatError as exc:
         raise ModelLoadError(f"{config_path}: {exc}") from None
     tensors = _Tensors(path)   # headers only: names, dtypes, shapes
+    # sizes bounded by the weights, before anything is built
+    check_model_config(path, {name: _Shape(shape) for name, (_dtype, shape) in tensors.info.items()})
     try:
         config = AutoConfig.from_pretrained(str(path))
         if hasattr(config, "quantization_config"):

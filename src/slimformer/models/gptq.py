@@ -50,7 +50,7 @@ import torch.nn as nn
 from slimformer.errors import ModelLoadError, UnsafeCheckpointError
 from slimformer.formats.spec import WeightSpec
 from slimformer.models.hf import first_line, model_class, read_json_limited
-from slimformer.models.validate import check_config_types
+from slimformer.models.validate import check_config_types, check_model_config
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
@@ -559,6 +559,7 @@ def load_gptq(path, dtype: torch.dtype = torch.float32):
     cfg = parse_quantization_config(raw.get("quantization_config"), where)
     files = _weight_files(path)
     entries = _headers(files)
+    check_model_config(path, entries)   # sizes bounded by the weights, before anything is built
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:

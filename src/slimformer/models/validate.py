@@ -269,9 +269,10 @@ def check_replaces(file, model: nn.Module, name: str, cfg: dict) -> None:
 
 
 def check_config_types(file, config) -> None:
-    """Fields whose default in the config's class is a number hold a number (a null or a
-    string there passes transformers' loading and fails at the first forward). Token ids
-    are left alone: real checkpoints set them to null."""
+    """Fields whose default in the config's class is a number hold a number, the output
+    switches are booleans and ``return_dict`` is true (each of these passes transformers'
+    loading and fails at the first forward). Token ids are left alone: real checkpoints
+    set them to null."""
     try:
         defaults = type(config)().to_dict()
     except Exception:   # a class without usable defaults: nothing to compare with
@@ -282,8 +283,10 @@ def check_config_types(file, config) -> None:
         value = getattr(config, key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             refuse(file, key, f"expected a number (the default is {default}), found {type(value).__name__}")
-        if "dropout" in key and not 0 <= value <= 1:
-            refuse(file, key, f"a dropout probability must be in [0, 1], found {value}")
+    for key in ("output_hidden_states", "output_attentions", "use_cache"):
+        value = getattr(config, key, None)
+        if value is not None and not isinstance(value, bool):
+            refuse(file, key, f"expected true or false, found {type(value).__name__}")
     # return_dict: false makes the model return tuples, which the model's own forward (and
     # every slimformer path) reads by name: it fails at the first forward.
     if getattr(config, "return_dict", True) is not True:
