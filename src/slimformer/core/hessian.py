@@ -135,18 +135,21 @@ class Compressed:
 
 def obs_compress(weight: torch.Tensor, prepared: PreparedHessian, spec: WeightSpec | None = None, *,
                  block_size: int = 128, static_groups: bool = True, clip_search: bool = True,
-                 sparsity: float = 0.0, n: int = 0, m: int = 0, name: str = "layer") -> Compressed:
+                 sparsity: float = 0.0, n: int = 0, m: int = 0, row_splits: list[int] | None = None,
+                 name: str = "layer") -> Compressed:
     """Compress ``weight`` column by column with error feedback: quantise to ``spec``
     (GPTQ), prune to ``sparsity`` unstructured or ``n``:``m`` (SparseGPT), or both
     (SparseGPT's joint mode: pruned weights take the zero code, kept ones are quantised).
 
-    Unstructured: each block of ``block_size`` columns prunes its share of the weights
-    (cumulative rounding, so the layer prunes exactly ``round(sparsity · numel)``). N:M:
-    in every ``m`` consecutive input columns of a row, ``n`` are kept."""
+    Without ``spec``, the weight is pruned (``sparsity`` 0 prunes nothing and returns it
+    unchanged). Unstructured: each block of ``block_size`` columns prunes its share of the
+    weights (cumulative rounding, so the layer prunes exactly ``round(sparsity · numel)``);
+    ``row_splits`` (row counts of layers stacked in ``weight``, sharing one Hessian) makes
+    that share per layer. N:M: in every ``m`` consecutive input columns of a row, ``n`` are kept."""
     W = weight.detach().float().clone()
     N, K = W.shape
     nm = n > 0
-    prune = nm or sparsity > 0
+    prune = nm or spec is None
     if nm:
         check_nm(n, m)
         check_nm_fits(name, K, m)
@@ -156,8 +159,9 @@ def obs_compress(weight: torch.Tensor, prepared: PreparedHessian, spec: WeightSp
         check_sparsity(sparsity)
     if prune and prepared.perm is not None:
         raise SparsityConfigError(f"{name}: pruning visits columns in their own order (no act_order)")
-    if spec is None and not prune:
-        return Compressed(W)
+    segments = list(row_splits) if row_splits else [N]
+    if sum(segments) != N:
+        raise ValueError(f"row_splits {segments} do not add up to the {N} rows")
     W[:, prepared.dead] = 0
 
     quant = spec is not None
@@ -201,10 +205,14 @@ def obs_compress(weight: torch.Tensor, prepared: PreparedHessian, spec: WeightSp
         keep1 = torch.ones_like(W1, dtype=torch.bool) if prune else None
         if prune and not nm:
             # this block's share of the pruned weights, smallest saliency w² / [H⁻¹]²_jj first
-            count = round(sparsity * N * stop) - round(sparsity * N * start)
-            if count:
-                saliency = (W1.square() / inv_diag_sq).flatten()
-                keep1.view(-1)[saliency.topk(count, largest=False, sorted=False).indices] = False
+            first = 0
+            for rows_of in segments:
+                part = slice(first, first + rows_of)
+                first += rows_of
+                count = round(sparsity * rows_of * stop) - round(sparsity * rows_of * start)
+                if count:
+                    saliency = (W1[part].square() / inv_diag_sq).flatten()
+                    keep1[part].view(-1)[saliency.topk(count, largest=False, sorted=False).indices] = False
         for i in range(stop - start):
             col = start + i
             w = W1[:, i]
