@@ -1,0 +1,149 @@
+"""One-shot pruning on SmolLM2-135M: magnitude vs Wanda vs SparseGPT at 2:4 (with and
+without the N:M channel permutation) and 50% unstructured, each with its compress time.
+
+Protocol (../shared/MEASURING.md): WikiText-2 test perplexity over the first 40 windows
+of 512 tokens; calibration from ../shared/data/wikitext2/wiki.valid.tokens (never the
+test split), the first ``--calib-samples`` × 512 tokens in order. Pruned: the decoder
+block projections; the tied embedding / LM head stays dense. Compress time: wall seconds
+of ``slimformer.compress`` (calibration tokenisation included) at ``--threads`` torch
+threads; the machine is shared by other sessions, so its load average before and after
+each row is recorded beside the time.
+
+Anchors (llm-compressor 0.14 on this machine type, same model, windows and 128 × 512
+calibration): SparseGPT 2:4 140.6 in 256 s, Wanda 2:4 554.5 in 162 s; magnitude 2:4 1946.
+
+Writes benchmarks/results/oneshot_pruning_smollm2.json (rows merged by name); then
+``python benchmarks/readme_table.py`` regenerates the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import slimformer
+from slimformer.api import compress
+from slimformer.core.transform import target_weights
+from slimformer.data import eval_windows, load_text, tokenize
+from slimformer.eval.perplexity import perplexity
+from slimformer.models.adapters import adapter_for
+from slimformer.models.compressed import library_versions
+from slimformer.nn.quant_linear import QuantLinear
+from slimformer.recipes import load_recipe
+from slimformer.recipes.schema import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "oneshot_pruning_smollm2.json"
+CALIB = SHARED / "wikitext2" / "wiki.valid.tokens"
+
+# (row, method, pattern, permuted, recipe: built-in name or YAML)
+ROWS = [
+    ("magnitude-2-4", "magnitude", "2:4", False, "nm-2-4"),
+    ("magnitude-2-4-permuted", "magnitude", "2:4", True, "nm-2-4-permuted"),
+    ("magnitude-50", "magnitude", "50%", False, "magnitude-50"),
+    ("wanda-2-4", "Wanda", "2:4", False, "wanda-2-4"),
+    ("wanda-2-4-permuted", "Wanda", "2:4", True, "name: wanda-2-4-permuted\nstages:\n  - Wanda: {n: 2, m: 4, permute: true}\n"),
+    ("wanda-50", "Wanda", "50%", False, "wanda-50"),
+    ("sparsegpt-2-4", "SparseGPT", "2:4", False, "sparsegpt-2-4"),
+    ("sparsegpt-2-4-permuted", "SparseGPT", "2:4", True,
+     "name: sparsegpt-2-4-permuted\nstages:\n  - SparseGPT: {n: 2, m: 4, permute: true}\n"),
+    ("sparsegpt-50", "SparseGPT", "50%", False, "sparsegpt-50"),
+    ("sparsegpt-2-4-w4-g32", "SparseGPT + 4-bit g32 (joint)", "2:4", False, "sparsegpt-2-4-w4-g32"),
+]
+ANCHORS = {
+    "magnitude-2-4": {"tool": "magnitude 2:4 (MEASURING.md)", "perplexity": 1946.0, "compress_seconds": None},
+    "wanda-2-4": {"tool": "llm-compressor 0.14 Wanda 2:4", "perplexity": 554.5, "compress_seconds": 162.0},
+    "sparsegpt-2-4": {"tool": "llm-compressor 0.14 SparseGPT 2:4", "perplexity": 140.6, "compress_seconds": 256.0},
+}
+
+
+def _recipe(spec):
+    return parse_recipe(spec) if "\n" in spec else load_recipe(spec)
+
+
+def _sparsity(model, adapter, targets) -> float:
+    zeros = total = 0
+    for index, block in enumerate(adapter.get_blocks(model)):
+        for name in targets.select(adapter.linears, index):
+            module = block.get_submodule(name)
+            w = module.dequantized_weight() if isinstance(module, QuantLinear) else target_weights(
+                model, adapter, targets)[f"{adapter.blocks}.{index}.{name}"]
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    wanted = args.rows.split(",") if args.rows else [r[0] for r in ROWS]
+    model, tokenizer = slimformer.load("smollm2-135m")
+    adapter = adapter_for(model)
+    test = eval_windows(tokenize(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")), tokenizer), 512, args.windows)
+    order = ["fp32"] + [r[0] for r in ROWS]
+
+    def save(row: dict) -> None:
+        payload = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+        merged = {r["name"]: r for r in payload["rows"]}
+        merged[row["name"]] = {**row, "date": time.strftime("%Y-%m-%d %H:%M")}
+        payload.update({
+            "benchmark": "oneshot_pruning_smollm2",
+            "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32)",
+            "protocol": {"seqlen": 512, "wikitext2_windows": args.windows,
+                         "pruned": "decoder block projections; tied embedding / LM head dense",
+                         "calibration": "first N × 512 tokens of wiki.valid.tokens (WikiText-2 validation), in order; "
+                                        "N per row",
+                         "compress_seconds": "wall seconds of slimformer.compress (calibration tokenisation included)"},
+            "anchors": ANCHORS,
+            "notes": "The machine (2 cores) is shared by other sessions: each row records the 1-minute load average "
+                     "before and after it; a load above the row's threads means it shared the cores and its time "
+                     "is inflated. llm-compressor's anchor times were measured on this machine type, 2 threads.",
+            "versions": library_versions(),
+            "rows": sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
+        })
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+    if "fp32" in wanted:
+        row = {"name": "fp32", "perplexity": perplexity(model, test, desc="fp32")["perplexity"]}
+        print(json.dumps(row), flush=True)
+        save(row)
+    for name, method, pattern, permuted, spec in ROWS:
+        if name not in wanted:
+            continue
+        recipe = _recipe(spec)
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        result = compress((model, tokenizer), recipe, calib=str(CALIB), calib_samples=args.calib_samples,
+                          seqlen=512, progress=True)
+        seconds = time.perf_counter() - start
+        load_after = os.getloadavg()[0]
+        calibrated = result.calibration is not None
+        row = {"name": name, "method": method, "pattern": pattern, "permuted": permuted, "recipe": recipe.text,
+               "compress_seconds": seconds, "run_seconds": result.run.seconds, "threads": args.threads,
+               "load_average_before": load_before, "load_average_after": load_after,
+               "calibration": f"{args.calib_samples} × 512 tokens of wiki.valid.tokens" if calibrated else None,
+               "sparsity": _sparsity(result.model, adapter, recipe.stages[0].targets)}
+        row["perplexity"] = perplexity(result.model, test, desc=name)["perplexity"]
+        if name in ANCHORS:
+            row["anchor"] = ANCHORS[name]
+        del result
+        print(json.dumps(row), flush=True)
+        save(row)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
