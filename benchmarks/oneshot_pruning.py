@@ -86,7 +86,46 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--import-magnitude", action="store_true",
+                        help="take the fp32 and magnitude rows from benchmarks/sparsity.py's results (same protocol) "
+                             "instead of measuring them again, and exit")
+    parser.add_argument("--merge", nargs="*", type=Path, help="merge these results files' rows into --out and exit")
     args = parser.parse_args()
+    if args.import_magnitude:
+        source = ROOT / "benchmarks" / "results" / "sparsity_smollm2.json"
+        rows = {r["name"]: r for r in json.loads(source.read_text())["rows"]}
+        payload = json.loads(args.out.read_text())
+        merged = {r["name"]: r for r in payload["rows"]}
+        merged["fp32"] = {"name": "fp32", "perplexity": rows["fp32"]["perplexity"], "source": source.name}
+        for name, method, pattern, permuted, spec in ROWS:
+            if method != "magnitude":
+                continue
+            r = rows[spec]
+            merged[name] = {"name": name, "method": method, "pattern": pattern, "permuted": permuted,
+                            "recipe": r["recipe"], "compress_seconds": r["compress_seconds"], "threads": None,
+                            "load_average_before": None, "load_average_after": None, "calibration": None,
+                            "sparsity": r["sparsity"], "perplexity": r["perplexity"], "date": r.get("date"),
+                            "source": f"{source.name} row {spec} (benchmarks/sparsity.py, same model, windows "
+                                      "and protocol; threads not recorded there)"}
+            if name in ANCHORS:
+                merged[name]["anchor"] = ANCHORS[name]
+        order = ["fp32"] + [r[0] for r in ROWS]
+        payload["rows"] = sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"imported fp32 and magnitude rows from {source}")
+        return
+    if args.merge:
+        payload = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+        merged = {r["name"]: r for r in payload["rows"]}
+        for path in args.merge:
+            other = json.loads(path.read_text())
+            merged.update({r["name"]: r for r in other["rows"]})
+            payload = {**other, **{k: v for k, v in payload.items() if k != "rows"}} if payload["rows"] else other
+        order = ["fp32"] + [r[0] for r in ROWS]
+        payload["rows"] = sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"merged {len(args.merge)} files into {args.out}")
+        return
     torch.set_num_threads(args.threads)
     wanted = args.rows.split(",") if args.rows else [r[0] for r in ROWS]
     model, tokenizer = slimformer.load("smollm2-135m")
@@ -108,8 +147,10 @@ def main() -> None:
                          "compress_seconds": "wall seconds of slimformer.compress (calibration tokenisation included)"},
             "anchors": ANCHORS,
             "notes": "The machine (2 cores) is shared by other sessions: each row records the 1-minute load average "
-                     "before and after it; a load above the row's threads means it shared the cores and its time "
-                     "is inflated. llm-compressor's anchor times were measured on this machine type, 2 threads.",
+                     "before and after it; a load above the row's threads means it shared the cores and its wall "
+                     "time is inflated. compress_cpu_seconds is the process's CPU time over the same call (less "
+                     "sensitive to sharing; at 2 threads a wall second can hold up to 2 CPU seconds). "
+                     "llm-compressor's anchor times were measured on this machine type, 2 threads.",
             "versions": library_versions(),
             "rows": sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
         })
@@ -125,14 +166,17 @@ def main() -> None:
             continue
         recipe = _recipe(spec)
         load_before = os.getloadavg()[0]
+        cpu_start = time.process_time()
         start = time.perf_counter()
         result = compress((model, tokenizer), recipe, calib=str(CALIB), calib_samples=args.calib_samples,
                           seqlen=512, progress=True)
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         load_after = os.getloadavg()[0]
         calibrated = result.calibration is not None
         row = {"name": name, "method": method, "pattern": pattern, "permuted": permuted, "recipe": recipe.text,
-               "compress_seconds": seconds, "run_seconds": result.run.seconds, "threads": args.threads,
+               "compress_seconds": seconds, "compress_cpu_seconds": cpu_seconds, "run_seconds": result.run.seconds,
+               "threads": args.threads,
                "load_average_before": load_before, "load_average_after": load_after,
                "calibration": f"{args.calib_samples} × 512 tokens of wiki.valid.tokens" if calibrated else None,
                "sparsity": _sparsity(result.model, adapter, recipe.stages[0].targets)}

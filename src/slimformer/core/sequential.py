@@ -57,8 +57,9 @@ class LayerwiseStage(Transform):
         """Replace a compressed layer's input in the one-pass forward (e.g. fake-quantised)."""
         return None
 
-    def permutation(self) -> tuple[int, int] | None:
-        """(N, M) when this stage permutes channels for N:M before compressing, else None."""
+    def permutation(self) -> tuple[int, int, dict] | None:
+        """(N, M, search settings for ``search_permutation``) when this stage permutes
+        channels for N:M before compressing, else None."""
         return None
 
     def column_norms(self, stat: torch.Tensor) -> torch.Tensor:
@@ -130,18 +131,19 @@ class LayerwiseStage(Transform):
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Permute the input channels of an output projection for N:M (see the module
         docstring); returns the statistic in the new order and the index (None: unchanged)."""
-        nm = self.permutation()
+        wanted = self.permutation()
         a = ctx.adapter
-        if nm is None or len(names) != 1 or names[0] not in (a.mlp_out[0], a.attention_out[0]):
+        if wanted is None or len(names) != 1 or names[0] not in (a.mlp_out[0], a.attention_out[0]):
             return stat, None
         from slimformer.core.permutation import permute_ffn_for_nm, permute_values_for_nm
 
+        n, m, search = wanted
         name = names[0]
-        kwargs = dict(input_norms=self.column_norms(stat), max_rounds=self.search_rounds, seed=self.seed + ctx.index)
+        kwargs = dict(search, input_norms=self.column_norms(stat), seed=search.get("seed", 0) + ctx.index)
         if name == a.mlp_out[0]:
-            before, after, maps = permute_ffn_for_nm(block, a, *nm, **kwargs)
+            before, after, maps = permute_ffn_for_nm(block, a, n, m, **kwargs)
         else:
-            before, after, maps = permute_values_for_nm(block, a, ctx.model.config, *nm, **kwargs)
+            before, after, maps = permute_values_for_nm(block, a, ctx.model.config, n, m, **kwargs)
         ctx.report(name, kept_saliency_default_order=round(before, 6), kept_saliency_permuted=round(after, 6))
         for producer, index in maps["outputs"].items():
             self.reorder_outputs(ctx, producer, index)

@@ -74,8 +74,8 @@ class CalibratedPruning(LayerwiseStage):
     def unstructured(self) -> float:
         return 0.5 if self.sparsity is None else self.sparsity
 
-    def permutation(self) -> tuple[int, int] | None:
-        return (self.n, self.m) if self.permute else None
+    def permutation(self) -> tuple[int, int, dict] | None:
+        return (self.n, self.m, {"max_rounds": self.search_rounds, "seed": self.seed}) if self.permute else None
 
     def prepare(self, block, ctx) -> None:
         if self.m is not None:   # every layer checked before the first is pruned
