@@ -63,6 +63,12 @@ ANCHORS = {
 }
 
 
+def _order(row: dict) -> tuple:
+    names = ["fp32"] + [r[0] for r in ROWS]
+    base = row.get("row", row["name"])
+    return (names.index(base) if base in names else len(names), row["name"])
+
+
 def _recipe(spec):
     return parse_recipe(spec) if "\n" in spec else load_recipe(spec)
 
@@ -86,6 +92,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name-suffix", default="", help="appended to the row names (e.g. -calib128)")
     parser.add_argument("--import-magnitude", action="store_true",
                         help="take the fp32 and magnitude rows from benchmarks/sparsity.py's results (same protocol) "
                              "instead of measuring them again, and exit")
@@ -101,7 +108,7 @@ def main() -> None:
             if method != "magnitude":
                 continue
             r = rows[spec]
-            merged[name] = {"name": name, "method": method, "pattern": pattern, "permuted": permuted,
+            merged[name] = {"name": name, "row": name, "method": method, "pattern": pattern, "permuted": permuted,
                             "recipe": r["recipe"], "compress_seconds": r["compress_seconds"], "threads": None,
                             "load_average_before": None, "load_average_after": None, "calibration": None,
                             "sparsity": r["sparsity"], "perplexity": r["perplexity"], "date": r.get("date"),
@@ -109,20 +116,18 @@ def main() -> None:
                                       "and protocol; threads not recorded there)"}
             if name in ANCHORS:
                 merged[name]["anchor"] = ANCHORS[name]
-        order = ["fp32"] + [r[0] for r in ROWS]
-        payload["rows"] = sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+        payload["rows"] = sorted(merged.values(), key=_order)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"imported fp32 and magnitude rows from {source}")
         return
     if args.merge:
         payload = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
         merged = {r["name"]: r for r in payload["rows"]}
-        for path in args.merge:
+        for path in args.merge:   # rows merged by name; the description from the last file
             other = json.loads(path.read_text())
             merged.update({r["name"]: r for r in other["rows"]})
-            payload = {**other, **{k: v for k, v in payload.items() if k != "rows"}} if payload["rows"] else other
-        order = ["fp32"] + [r[0] for r in ROWS]
-        payload["rows"] = sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+            payload.update({k: v for k, v in other.items() if k != "rows"})
+        payload["rows"] = sorted(merged.values(), key=_order)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"merged {len(args.merge)} files into {args.out}")
         return
@@ -131,7 +136,6 @@ def main() -> None:
     model, tokenizer = slimformer.load("smollm2-135m")
     adapter = adapter_for(model)
     test = eval_windows(tokenize(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")), tokenizer), 512, args.windows)
-    order = ["fp32"] + [r[0] for r in ROWS]
 
     def save(row: dict) -> None:
         payload = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
@@ -152,7 +156,7 @@ def main() -> None:
                      "sensitive to sharing; at 2 threads a wall second can hold up to 2 CPU seconds). "
                      "llm-compressor's anchor times were measured on this machine type, 2 threads.",
             "versions": library_versions(),
-            "rows": sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
+            "rows": sorted(merged.values(), key=_order),
         })
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -174,7 +178,7 @@ def main() -> None:
         cpu_seconds = time.process_time() - cpu_start
         load_after = os.getloadavg()[0]
         calibrated = result.calibration is not None
-        row = {"name": name, "method": method, "pattern": pattern, "permuted": permuted, "recipe": recipe.text,
+        row = {"name": name + args.name_suffix, "row": name, "method": method, "pattern": pattern, "permuted": permuted, "recipe": recipe.text,
                "compress_seconds": seconds, "compress_cpu_seconds": cpu_seconds, "run_seconds": result.run.seconds,
                "threads": args.threads,
                "load_average_before": load_before, "load_average_after": load_after,

@@ -294,9 +294,8 @@ def oneshot_pruning_table(payload: dict) -> str:
                      f"{load} | {(r['calibration'] or '—').replace(' tokens of wiki.valid.tokens', '')} | "
                      f"{anchor_text} |")
     goals = []
-    for name in ("sparsegpt-2-4", "wanda-2-4"):
-        r = rows.get(name)
-        if r and r.get("anchor"):
+    for r in payload["rows"]:
+        if r.get("anchor") and r.get("anchor", {}).get("compress_seconds") is not None:
             a = r["anchor"]
             ppl_ok, time_ok = r["perplexity"] < a["perplexity"], r["compress_seconds"] < a["compress_seconds"]
             cpu = r.get("compress_cpu_seconds")
