@@ -63,6 +63,15 @@ ANCHORS = {
 }
 
 
+NOTES = ("The machine (2 cores) is shared by other sessions: each row records the 1-minute load average before and "
+         "after it; a load above the row's threads means it shared the cores and its wall time is inflated. "
+         "compress_cpu_seconds is the process's CPU time over the same call (less sensitive to sharing; at 2 threads "
+         "a wall second can hold up to 2 CPU seconds). llm-compressor's anchor times were measured on this machine "
+         "type, 2 threads. Calibration: the 2026-12-02 rows used 32 × 512 tokens (not the anchors' 128 × 512) at 1 "
+         "thread because the machine ran at a load average of 13-28 that day: a 128-sample SparseGPT run was "
+         "projected at over an hour of wall time and stopped.")
+
+
 def _order(row: dict) -> tuple:
     names = ["fp32"] + [r[0] for r in ROWS]
     base = row.get("row", row["name"])
@@ -128,6 +137,7 @@ def main() -> None:
             merged.update({r["name"]: r for r in other["rows"]})
             payload.update({k: v for k, v in other.items() if k != "rows"})
         payload["rows"] = sorted(merged.values(), key=_order)
+        payload["notes"] = NOTES
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"merged {len(args.merge)} files into {args.out}")
         return
@@ -150,11 +160,7 @@ def main() -> None:
                                         "N per row",
                          "compress_seconds": "wall seconds of slimformer.compress (calibration tokenisation included)"},
             "anchors": ANCHORS,
-            "notes": "The machine (2 cores) is shared by other sessions: each row records the 1-minute load average "
-                     "before and after it; a load above the row's threads means it shared the cores and its wall "
-                     "time is inflated. compress_cpu_seconds is the process's CPU time over the same call (less "
-                     "sensitive to sharing; at 2 threads a wall second can hold up to 2 CPU seconds). "
-                     "llm-compressor's anchor times were measured on this machine type, 2 threads.",
+            "notes": NOTES,
             "versions": library_versions(),
             "rows": sorted(merged.values(), key=_order),
         })
