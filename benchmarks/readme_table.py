@@ -265,6 +265,50 @@ def sparsity_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def oneshot_pruning_table(payload: dict) -> str:
+    rows = {r["name"]: r for r in payload["rows"]}
+    fp32 = rows.get("fp32", {}).get("perplexity")
+    lines = [
+        "One-shot pruning from calibration on SmolLM2-135M (`benchmarks/oneshot_pruning.py` → "
+        "`benchmarks/results/oneshot_pruning_smollm2.json`): WikiText-2 test perplexity, "
+        f"{payload['protocol']['wikitext2_windows']} × 512 tokens (fp32 {_fmt(fp32, '.2f')}); "
+        f"{payload['protocol']['pruned']}; calibration from wiki.valid.tokens (per row). Compress s: wall seconds of "
+        "`compress` at the stated threads on a shared 2-core machine, with the process's CPU seconds in brackets "
+        "(1-minute load average before → after the row: above the thread count, other jobs shared the cores and the "
+        "wall time is inflated). Magnitude rows come from `benchmarks/sparsity.py` (same protocol). Anchors: "
+        "llm-compressor 0.14 on this machine type, 2 threads.",
+        "",
+        "| method | pattern | permuted | sparsity | perplexity | compress s | threads | load avg | calibration | anchor ppl / s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        if r["name"] == "fp32":
+            continue
+        anchor = r.get("anchor")
+        anchor_text = (f"{anchor['perplexity']:g} / {_fmt(anchor['compress_seconds'], '.0f')}" if anchor else "")
+        load = (f"{r['load_average_before']:.1f} → {r['load_average_after']:.1f}"
+                if r.get("load_average_before") is not None else "—")
+        cpu = f" ({r['compress_cpu_seconds']:.0f} CPU)" if r.get("compress_cpu_seconds") is not None else ""
+        lines.append(f"| {r['method']} | {r['pattern']} | {'yes' if r['permuted'] else 'no'} | {r['sparsity']:.1%} | "
+                     f"{r['perplexity']:.2f} | {r['compress_seconds']:.0f}{cpu} | {_fmt(r.get('threads'), 'd')} | "
+                     f"{load} | {(r['calibration'] or '—').replace(' tokens of wiki.valid.tokens', '')} | "
+                     f"{anchor_text} |")
+    goals = []
+    for r in payload["rows"]:
+        if r.get("anchor") and r.get("anchor", {}).get("compress_seconds") is not None:
+            a = r["anchor"]
+            ppl_ok, time_ok = r["perplexity"] < a["perplexity"], r["compress_seconds"] < a["compress_seconds"]
+            cpu = r.get("compress_cpu_seconds")
+            goals.append(f"{r['method']} 2:4 {r['perplexity']:.1f} vs {a['perplexity']:g} "
+                         f"({'below' if ppl_ok else 'not below'}), {r['compress_seconds']:.0f} s wall"
+                         f"{f' / {cpu:.0f} CPU s' if cpu is not None else ''} at {r['threads']} thread(s), load "
+                         f"{r['load_average_before']:.0f}–{r['load_average_after']:.0f}, vs {a['compress_seconds']:.0f} s "
+                         f"({'faster' if time_ok else 'not faster'} by wall time), calibration {r['calibration']}")
+    if goals:
+        lines += ["", "Goals (below llm-compressor's perplexity in less time): " + "; ".join(goals) + "."]
+    return "\n".join(lines)
+
+
 def sparse_matmul_table(payload: dict) -> str:
     rule = payload["sparse_path_rule"]
     return (
@@ -435,7 +479,8 @@ TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval
           "runtime_before_after.json": runtime_before_after_text,
           "padfree.json": padfree_table, "offload.json": offload_table, "tensor_parallel.json": tensor_parallel_table,
           "ptq_smollm2.json": ptq_smollm2_table, "ptq_minilm.json": ptq_minilm_table, "zeroquant.json": zeroquant_table,
-          "sparsity_smollm2.json": sparsity_table, "sparse_matmul.json": sparse_matmul_table,
+          "sparsity_smollm2.json": sparsity_table,
+          "oneshot_pruning_smollm2.json": oneshot_pruning_table, "sparse_matmul.json": sparse_matmul_table,
           "export_compressed_tensors.json": export_compressed_tensors_table,
           "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table,
           "fuzz_readers.json": fuzz_readers_table}

@@ -474,17 +474,21 @@ class _Reorder:
             self.inputs[name] = torch.arange(_in_features(_linear(self.block, name)))
         return self.inputs[name]
 
-    def apply(self) -> None:
+    def apply(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Reorder the modules; returns the maps ``{"outputs": {name: index}, "inputs": {...}}``
+        (new channel k = old channel ``index[k]``), e.g. to reorder what was saved beside a module."""
         for name, index in self.outputs.items():
             _reorder_outputs(self.block.get_submodule(name), index)
         for name, index in self.inputs.items():
             _reorder_inputs(self.block.get_submodule(name), index)
+        return {"outputs": dict(self.outputs), "inputs": dict(self.inputs)}
 
 
-def permute_ffn(block: nn.Module, adapter, perm) -> None:
+def permute_ffn(block: nn.Module, adapter, perm) -> dict:
     """Reorder the FFN's intermediate dimension in place: new channel k is old channel
     ``perm[k]`` — rows (and biases) of every input projection (up, gate), columns of the
-    output projection (down). The block computes the same function."""
+    output projection (down). The block computes the same function. Returns the index
+    maps applied (see ``_Reorder.apply``)."""
     _check_family(adapter)
     if len(adapter.mlp_out) != 1:
         raise SparsityConfigError(f"{adapter.family}: expected one FFN output projection, got {adapter.mlp_out}")
@@ -498,13 +502,14 @@ def permute_ffn(block: nn.Module, adapter, perm) -> None:
                                       f"{out_name}'s {size} inputs")
         plan.output_index(name)[:] = perm
     plan.input_index(out_name)[:] = perm
-    plan.apply()
+    return plan.apply()
 
 
-def permute_value_heads(block: nn.Module, adapter, config, perms) -> None:
+def permute_value_heads(block: nn.Module, adapter, config, perms) -> dict:
     """Reorder the head dimension of each key/value head's values in place: ``perms[g]``
     (``None`` = unchanged) applies to v's rows of KV head ``g`` and to the output
-    projection's column block of every query head that reads KV head ``g``."""
+    projection's column block of every query head that reads KV head ``g``. Returns the
+    index maps applied."""
     _check_family(adapter)
     heads, kv_heads, head_dim = _heads(adapter, config)
     perms = list(perms)
@@ -523,7 +528,7 @@ def permute_value_heads(block: nn.Module, adapter, config, perms) -> None:
         v_index[start:start + head_dim] = start + perm
         for h in range(g * group, (g + 1) * group):
             o_index[h * head_dim:(h + 1) * head_dim] = h * head_dim + perm
-    plan.apply()
+    return plan.apply()
 
 
 def _permute_qk(block: nn.Module, adapter, config, kv_head: int, perm: torch.Tensor) -> None:
@@ -590,45 +595,94 @@ def permute_heads(block: nn.Module, adapter, config, kv_order, q_order=None) -> 
     plan.apply()
 
 
-def _kept(weight: torch.Tensor, n: int, m: int) -> float:
-    w = weight.detach().float()
-    return kept_magnitude(w, nm_mask(w, n, m))
+def _saliency(weight: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+    """What N:M pruning should keep: |W| (magnitude), or Wanda's |W_ij|·‖X_j‖ when the
+    norms of the layer's inputs over calibration tokens are given (a good proxy of
+    SparseGPT's saliency too)."""
+    a = weight.detach().abs().float()
+    if input_norms is None:
+        return a
+    norms = torch.as_tensor(input_norms, dtype=torch.float32).flatten()
+    if norms.numel() != a.shape[1]:
+        raise SparsityConfigError(f"{norms.numel()} input norms for a layer with {a.shape[1]} inputs")
+    return a * norms
 
 
-def permute_block_for_nm(block: nn.Module, adapter, config, n: int, m: int, **search_kwargs) -> dict:
+def _kept(scores: torch.Tensor, n: int, m: int) -> float:
+    return kept_magnitude(scores, nm_mask(scores, n, m))
+
+
+def _check_block(block, adapter, config, n, m, names) -> None:
+    """Every check of :func:`permute_block_for_nm` before the first change, so a refusal
+    leaves the block as it was."""
+    _check_family(adapter)
+    check_nm(n, m)
+    down_name, o_name = adapter.mlp_out[0], adapter.attention_out[0]
+    if down_name in names:
+        check_nm_fits(down_name, _in_features(_linear(block, down_name)), m)
+    if o_name in names:
+        check_nm_fits(o_name, _in_features(_linear(block, o_name)), m)
+        head_dim = _heads(adapter, config)[2]
+        if head_dim % m:
+            raise SparsityConfigError(f"{o_name}: M={m} does not divide head_dim {head_dim}, so its N:M groups "
+                                      f"straddle heads and no per-head permutation keeps the function")
+
+
+def permute_ffn_for_nm(block: nn.Module, adapter, n: int, m: int, input_norms=None, **search_kwargs
+                       ) -> tuple[float, float, dict]:
+    """Search and apply the permutation of the FFN intermediate dimension that keeps the
+    most saliency (:func:`_saliency`) when the down projection is pruned N:M. Returns
+    (kept fraction before, after, the index maps applied)."""
+    _check_family(adapter)
+    check_nm(n, m)
+    down_name = adapter.mlp_out[0]
+    down = linear_weight(_linear(block, down_name))
+    check_nm_fits(down_name, down.shape[1], m)
+    scores = _saliency(down, input_norms)
+    perm = search_permutation(scores, n, m, name=down_name, **search_kwargs)
+    maps = permute_ffn(block, adapter, perm)
+    return _kept(scores, n, m), _kept(scores[:, perm], n, m), maps
+
+
+def permute_values_for_nm(block: nn.Module, adapter, config, n: int, m: int, input_norms=None, **search_kwargs
+                          ) -> tuple[float, float, dict]:
+    """Per key/value head, search and apply the permutation of the value head dimension
+    that keeps the most saliency when the attention output projection is pruned N:M.
+    Returns (kept fraction before, after, the index maps applied)."""
+    o_name = adapter.attention_out[0]
+    _check_block(block, adapter, config, n, m, (o_name,))
+    out = linear_weight(_linear(block, o_name))
+    heads, kv_heads, head_dim = _heads(adapter, config)
+    scores = _saliency(out, input_norms)
+    group = heads // kv_heads
+    perms = []
+    for g in range(kv_heads):
+        # Every query head of the group must take the same order: search them stacked.
+        stacked = torch.cat([scores[:, h * head_dim:(h + 1) * head_dim] for h in range(g * group, (g + 1) * group)])
+        perms.append(search_permutation(stacked, n, m, name=f"{o_name} key/value head {g}", **search_kwargs))
+    maps = permute_value_heads(block, adapter, config, perms)
+    index = maps["inputs"][o_name]
+    return _kept(scores, n, m), _kept(scores[:, index], n, m), maps
+
+
+def permute_block_for_nm(block: nn.Module, adapter, config, n: int, m: int, input_norms: dict | None = None,
+                         **search_kwargs) -> dict:
     """Search and apply, in place, the permutations of one block that help N:M pruning:
     the FFN intermediate dimension (for the down projection) and, per key/value head,
     the value head dimension (for the attention output projection). The block computes
     the same function. q/k/v, gate and up read the residual stream, which cannot be
     permuted per block, so they are pruned in default order.
 
-    Returns ``{layer name: (kept magnitude fraction before, after)}`` at N:M for the
-    down and output projections. ``search_kwargs`` go to :func:`search_permutation`."""
-    _check_family(adapter)
-    check_nm(n, m)
+    ``input_norms``: {layer name: ‖X_j‖ per input channel} of the down and output
+    projections, to maximise Wanda's kept saliency |W|·‖X‖ instead of kept |W|.
+    Returns ``{layer name: (kept fraction before, after)}`` at N:M for the down and
+    output projections. ``search_kwargs`` go to :func:`search_permutation`."""
     down_name, o_name = adapter.mlp_out[0], adapter.attention_out[0]
-    down = linear_weight(_linear(block, down_name))
-    out = linear_weight(_linear(block, o_name))
-    heads, kv_heads, head_dim = _heads(adapter, config)
-    # Every check before the first change, so a refusal leaves the block as it was.
-    check_nm_fits(down_name, down.shape[1], m)
-    check_nm_fits(o_name, out.shape[1], m)
-    if head_dim % m:
-        raise SparsityConfigError(f"{o_name}: M={m} does not divide head_dim {head_dim}, so its N:M groups "
-                                  f"straddle heads and no per-head permutation keeps the function")
+    _check_block(block, adapter, config, n, m, (down_name, o_name))
+    norms = input_norms or {}
     result = {}
-
-    before = _kept(down, n, m)
-    permute_ffn(block, adapter, search_permutation(down, n, m, name=down_name, **search_kwargs))
-    result[down_name] = (before, _kept(linear_weight(block.get_submodule(down_name)), n, m))
-
-    before = _kept(out, n, m)
-    group = heads // kv_heads
-    perms = []
-    for g in range(kv_heads):
-        # Every query head of the group must take the same order: search them stacked.
-        stacked = torch.cat([out[:, h * head_dim:(h + 1) * head_dim] for h in range(g * group, (g + 1) * group)])
-        perms.append(search_permutation(stacked, n, m, name=f"{o_name} key/value head {g}", **search_kwargs))
-    permute_value_heads(block, adapter, config, perms)
-    result[o_name] = (before, _kept(linear_weight(block.get_submodule(o_name)), n, m))
+    before, after, _ = permute_ffn_for_nm(block, adapter, n, m, norms.get(down_name), **search_kwargs)
+    result[down_name] = (before, after)
+    before, after, _ = permute_values_for_nm(block, adapter, config, n, m, norms.get(o_name), **search_kwargs)
+    result[o_name] = (before, after)
     return result

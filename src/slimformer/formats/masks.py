@@ -43,6 +43,18 @@ def magnitude_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the ``in - round(sparsity * in)`` largest ``|scores|`` of every row (output)
+    of ``[out, in]``: each output compares only its own weights (Wanda's comparison group)."""
+    check_sparsity(sparsity)
+    rows, cols = scores.shape
+    keep = cols - int(round(sparsity * cols))
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        mask.scatter_(1, scores.detach().abs().float().topk(keep, dim=1, sorted=False).indices, True)
+    return mask
+
+
 def global_threshold(scores: list[torch.Tensor], sparsity: float) -> float:
     """The magnitude below which weights are pruned so that ``sparsity`` of all of ``scores``
     together goes (one threshold for every layer)."""
