@@ -35,6 +35,7 @@ BUILTIN = (
     "slimformer.techniques.quant.embedding",
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
+    "slimformer.techniques.distill.layers",
     "slimformer.export.builtin",
     "slimformer.export.gguf",
     "slimformer.export.gptq",
