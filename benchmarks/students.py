@@ -141,6 +141,15 @@ def run_decoder(args, save, data: str, row_name: str) -> None:
         save(row)
 
 
+def run_dropped_only(args, save) -> None:
+    model, tok = load("smollm2-135m")
+    test = eval_windows(tokenize(load_text(str(SHARED / "wikitext2" / "wiki.test.raw")), tok), 512, args.windows)
+    drop_layers(model, adapter_for(model), "every_other")
+    save({"name": "smollm2-half-dropped", "model_role": "untrained student", "student_blocks": 15,
+          "perplexity": perplexity(model, test, desc="dropped, not trained")["perplexity"],
+          "threads": args.threads})
+
+
 def _encode_rate(models: dict, tok, sentences, repeats: int) -> dict:
     """Sentences/s encoding ``sentences`` (batch 64), models round-robin, one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -196,7 +205,9 @@ def run_encoder(args, save) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("decoder", "datafree", "encoder"), required=True)
+    ap.add_argument("--part", choices=("decoder", "decoder-before", "datafree", "encoder"), required=True,
+                    help="decoder-before: only the dropped, untrained student's perplexity (run beside decoder "
+                         "--skip-before to use both cores)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -230,6 +241,8 @@ def main() -> None:
 
     if args.part == "encoder":
         run_encoder(args, save)
+    elif args.part == "decoder-before":
+        run_dropped_only(args, save)
     elif args.part == "decoder":
         run_decoder(args, save, str(TRAIN_DATA), "smollm2-half-distilled")
     else:

@@ -148,7 +148,7 @@ def test_terms_that_need_an_lm_head_are_refused_on_an_encoder_and_cosine_on_a_de
 def test_too_little_data_is_refused_and_repeated_data_is_a_recorded_warning(tokens):
     small = tokens[:32 * 8]   # 8 windows: 4 batches of 2
     with pytest.raises(TrainingError, match="too little training data"):
-        Trainer(tiny_model("llama"), TrainConfig(steps=41, batch_size=2, seq_len=32), TokenBatches(small, 2, 32),
+        Trainer(tiny_model("llama"), TrainConfig(steps=401, batch_size=2, seq_len=32), TokenBatches(small, 2, 32),
                 progress=False)
     model = tiny_model("llama").requires_grad_(True)
     with pytest.warns(RuntimeWarning, match="repeats the training data"):
@@ -363,3 +363,10 @@ def test_data_free_training_through_the_api(tmp_path, monkeypatch):
     assert record["data"]["source"] == "teacher:8" and record["data"]["tokens"] == 8 * 32
     with pytest.raises(DataError, match="encoder"):
         api.train((tiny_model("bert"), tiny_tokenizer()), _recipe(ENCODER), "teacher:8", tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("recipe,family", [("distill-half-layers", "llama"), ("distill-half-layers-encoder", "bert")])
+def test_builtin_distillation_recipes_train_a_tiny_model(recipe, family, tmp_path):
+    out = api.train((tiny_model(family, seed=14, num_hidden_layers=4), tiny_tokenizer()), recipe, "pydoc",
+                    tmp_path / "o", steps=2, batch_size=2, seq_len=16, progress=False)
+    assert out.model.config.num_hidden_layers == 2 and out.result.steps == 2

@@ -74,8 +74,9 @@ class TrainConfig:
     # expressions matched against parameter names. The teacher shares them (no copy).
     freeze: list = dataclasses.field(default_factory=list)
     # More passes over the data than this is refused (too little data for the steps);
-    # more than one pass is a warning, recorded with the result.
-    max_epochs: float = 10.0
+    # more than one pass is a warning, recorded with the result. The default only
+    # catches a mistake (a short file): small-model runs legitimately repeat data ~10 times.
+    max_epochs: float = 100.0
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints")
