@@ -436,6 +436,7 @@ def students_table(payload: dict) -> str:
              "`benchmarks/results/students.json`). Training text: WikiText-2 validation (or text sampled from the "
              "teacher, `data=teacher:N`); shared 2-core CPU, budgets per row.", ""]
     decoders = [r for r in rows.values() if r.get("model") == "smollm2-135m"]
+    dropped = rows.get("smollm2-half-dropped", {}).get("perplexity")   # measured by --part decoder-before
     if decoders:
         lines += ["| SmolLM2-135M student | blocks | loss | data | steps × batch × seq_len (s) | perplexity before "
                   "→ after (teacher) | decode tok/s student / teacher (×) | training memory MB (teacher-only) |",
@@ -448,7 +449,7 @@ def students_table(payload: dict) -> str:
             lines.append(f"| {r['name']} | {r.get('student_blocks', '—')}/{r.get('teacher_blocks', '—')} | {loss} | "
                          f"{(r.get('data') or {}).get('source', '—')} | {b.get('steps', '—')} × {b.get('batch_size', '—')}"
                          f" × {b.get('seq_len', '—')} ({_fmt(b.get('train_seconds'), '.0f')}) | "
-                         f"{_fmt(r.get('perplexity_before'), '.1f')} → {_fmt(r.get('perplexity_after'), '.1f')} "
+                         f"{_fmt(r.get('perplexity_before', dropped), '.1f')} → {_fmt(r.get('perplexity_after'), '.1f')} "
                          f"({_fmt(r.get('teacher_perplexity'), '.2f')}) | {speed} | {mem} |")
         lines.append("")
     encoders = [r for r in rows.values() if r.get("model") == "minilm-l6"]

@@ -370,3 +370,13 @@ def test_builtin_distillation_recipes_train_a_tiny_model(recipe, family, tmp_pat
     out = api.train((tiny_model(family, seed=14, num_hidden_layers=4), tiny_tokenizer()), recipe, "pydoc",
                     tmp_path / "o", steps=2, batch_size=2, seq_len=16, progress=False)
     assert out.model.config.num_hidden_layers == 2 and out.result.steps == 2
+
+
+def test_uniform_layer_map_aligns_the_last_student_block_with_the_last_teacher_block():
+    teacher = tiny_model("llama", seed=4, num_hidden_layers=6)
+    student = copy.deepcopy(teacher)
+    drop_layers(student, adapter_for(student), "every_other")          # blocks 0, 2, 4
+    term = TrainConfig.parse({"loss": [{"distill_hidden": {"layer_map": "uniform"}}]}).loss_terms()[0]
+    term.teacher = teacher
+    assert term.resolved_map(student) == [1, 3, 5]
+    assert HiddenDistillation(teacher=teacher).resolved_map(student) == [0, 2, 4]   # DropLayers' record

@@ -16,7 +16,8 @@ Built-in terms:
 - :class:`HiddenDistillation`: per-block MSE between student and teacher block outputs
   (``distill_hidden``), normalised by the teacher's mean square unless ``normalize: false``;
   a student with fewer blocks aligns block i with teacher block ``layer_map[i]``
-  (``DropLayers`` records the map in ``config.slimformer_layer_map``);
+  (``DropLayers`` records the map in ``config.slimformer_layer_map``; ``layer_map: uniform``
+  instead aligns block i with teacher block (i+1)·N/M − 1, the last with the last, as TinyBERT);
 - :class:`AttentionDistillation`: the same on each block's self-attention output (the
   output projection's output, captured by forward hooks through the model adapter)
   (``distill_attn``);
@@ -235,13 +236,15 @@ class _LayerTerm(_TeacherTerm):
     both have as many blocks)."""
 
     normalize: bool = True
-    layer_map: list[int] | None = None
+    layer_map: list[int] | str | None = None   # or "uniform": student block i ↔ teacher (i+1)·N/M − 1
 
     def __post_init__(self):
+        if self.layer_map == "uniform":
+            return
         if self.layer_map is not None:
             if not isinstance(self.layer_map, (list, tuple)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_map):
-                raise RecipeError(f"train: loss term {self.name}: layer_map must be a list of teacher block numbers, "
+                raise RecipeError(f"train: loss term {self.name}: layer_map must be uniform or a list of teacher block numbers, "
                                   f"got {self.layer_map!r}")
             self.layer_map = list(self.layer_map)
 
@@ -249,6 +252,8 @@ class _LayerTerm(_TeacherTerm):
         n_student = len(adapter_for(student).get_blocks(student))
         n_teacher = len(adapter_for(self.teacher).get_blocks(self.teacher))
         found = self.layer_map if self.layer_map is not None else getattr(student.config, "slimformer_layer_map", None)
+        if found == "uniform":   # TinyBERT's mapping: the last student block learns the teacher's last
+            found = [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
         if found is None:
             if n_student != n_teacher:
                 raise TrainingError(f"loss term {self.name}: the student has {n_student} blocks, the teacher "
@@ -369,7 +374,7 @@ def _parse_term(item) -> LossTerm:
                 raise RecipeError(f"train: loss term {name}: {key} must be true or false, got {value!r}")
             continue
         if key == "layer_map":
-            continue   # checked by the term
+            continue   # a list or "uniform", checked by the term
         if isinstance(value, str):   # PyYAML reads 1e-4 (no dot) as a string
             try:
                 value = float(value)
