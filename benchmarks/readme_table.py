@@ -437,12 +437,13 @@ def students_table(payload: dict) -> str:
              "teacher, `data=teacher:N`); shared 2-core CPU, budgets per row.", ""]
     decoders = [r for r in rows.values() if r.get("model") == "smollm2-135m"]
     dropped = rows.get("smollm2-half-dropped", {}).get("perplexity")   # measured by --part decoder-before
+    speed_row = rows.get("smollm2-half-decode-speed")   # --part decode-speed (shapes only)
     if decoders:
         lines += ["| SmolLM2-135M student | blocks | loss | data | steps × batch × seq_len (s) | perplexity before "
                   "→ after (teacher) | decode tok/s student / teacher (×) | training memory MB (teacher-only) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in decoders:
-            b, d, m = r.get("budget", {}), r.get("decode"), r.get("memory_bytes") or {}
+            b, d, m = r.get("budget", {}), r.get("decode") or speed_row, r.get("memory_bytes") or {}
             loss = " + ".join(f"{t['term']}" for t in r.get("loss_terms", []))
             speed = (f"{d['student_tok_s']:.1f} / {d['teacher_tok_s']:.1f} ({d['speedup']:.2f}×)" if d else "—")
             mem = (f"{m['total'] / 1e6:.0f} ({m['teacher_only'] / 1e6:.0f})" if m else "—")
@@ -451,6 +452,12 @@ def students_table(payload: dict) -> str:
                          f" × {b.get('seq_len', '—')} ({_fmt(b.get('train_seconds'), '.0f')}) | "
                          f"{_fmt(r.get('perplexity_before', dropped), '.1f')} → {_fmt(r.get('perplexity_after'), '.1f')} "
                          f"({_fmt(r.get('teacher_perplexity'), '.2f')}) | {speed} | {mem} |")
+        if speed_row and not any(r.get("decode") for r in decoders):
+            lines += ["", f"Decode speed from `--part decode-speed` ({speed_row['new_tokens']} new tokens, "
+                          f"{speed_row['repeats']} round-robin repeats, {speed_row['threads']} thread): "
+                          f"{speed_row['note']}."]
+        if r.get("status"):
+            lines += ["", f"{r['name']}: {r['status']}"]
         lines.append("")
     encoders = [r for r in rows.values() if r.get("model") == "minilm-l6"]
     if encoders:
@@ -466,6 +473,9 @@ def students_table(payload: dict) -> str:
                          f"{_fmt(r.get('spearman_before'), '.4f')} → {_fmt(r.get('spearman_after'), '.4f')} "
                          f"({_fmt(r.get('teacher_spearman'), '.4f')}) | {_percent(r.get('spearman_ratio'))} | "
                          f"{speed} | {met} |")
+        for r in encoders:
+            if r.get("status"):
+                lines += ["", f"{r['name']}: {r['status']}"]
     return "\n".join(lines).rstrip()
 
 

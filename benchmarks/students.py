@@ -150,6 +150,24 @@ def run_dropped_only(args, save) -> None:
           "threads": args.threads})
 
 
+def run_decode_speed(args, save) -> None:
+    """Decode tokens/s of the 30-block teacher and the 15-block student (shapes only: the
+    speed does not depend on the trained values), native engine, round-robin."""
+    model, tok = load("smollm2-135m")
+    student = copy.deepcopy(model)
+    drop_layers(student, adapter_for(student), "every_other")
+    prompt = bench_lib.prompt_of_length(tok, 32)
+    engines = [bench_lib.native_timed("teacher (30 blocks)", NativeDecoder.from_model(model)),
+               bench_lib.native_timed("student (15 blocks)", NativeDecoder.from_model(student))]
+    speed = bench_lib.run_benchmark(engines, prompt, None, new_tokens=args.decode_tokens, repeats=args.repeats)
+    t, s = (speed[e.name]["decode_tok_s"]["median"] for e in engines)
+    save({"name": "smollm2-half-decode-speed", "engine": "slimformer native (fp32)", "new_tokens": args.decode_tokens,
+          "repeats": args.repeats, "prompt_tokens": 32, "threads": args.threads, "teacher_tok_s": t,
+          "student_tok_s": s, "speedup": s / t, "runs": speed,
+          "note": "student = every other block of SmolLM2-135M (untrained: decode speed depends on shapes only); "
+                  "shared 2-core CPU under heavy load from other sessions, round-robin"})
+
+
 def _encode_rate(models: dict, tok, sentences, repeats: int) -> dict:
     """Sentences/s encoding ``sentences`` (batch 64), models round-robin, one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -205,7 +223,7 @@ def run_encoder(args, save) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("decoder", "decoder-before", "datafree", "encoder"), required=True,
+    ap.add_argument("--part", choices=("decoder", "decoder-before", "decode-speed", "datafree", "encoder"), required=True,
                     help="decoder-before: only the dropped, untrained student's perplexity (run beside decoder "
                          "--skip-before to use both cores)")
     ap.add_argument("--steps", type=int, default=40)
@@ -241,6 +259,8 @@ def main() -> None:
 
     if args.part == "encoder":
         run_encoder(args, save)
+    elif args.part == "decode-speed":
+        run_decode_speed(args, save)
     elif args.part == "decoder-before":
         run_dropped_only(args, save)
     elif args.part == "decoder":
