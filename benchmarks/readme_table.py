@@ -459,6 +459,11 @@ def students_table(payload: dict) -> str:
         if r.get("status"):
             lines += ["", f"{r['name']}: {r['status']}"]
         lines.append("")
+    if not decoders and (dropped or speed_row):
+        speed = (f"decode {speed_row['student_tok_s']:.2f} vs {speed_row['teacher_tok_s']:.2f} tok/s "
+                 f"({speed_row['speedup']:.2f}×; {speed_row['note']})" if speed_row else "")
+        lines += [f"SmolLM2-135M with every other block (15 of 30), not yet distilled: WikiText-2 test perplexity "
+                  f"{_fmt(dropped, '.0f')}; {speed}.", ""]
     encoders = [r for r in rows.values() if r.get("model") == "minilm-l6"]
     if encoders:
         lines += ["| MiniLM-L6 student | kept blocks | steps × batch × seq_len (s) | STS-B Spearman before → after "
