@@ -448,7 +448,7 @@ def students_table(payload: dict) -> str:
             speed = (f"{d['student_tok_s']:.1f} / {d['teacher_tok_s']:.1f} ({d['speedup']:.2f}×)" if d else "—")
             mem = (f"{m['total'] / 1e6:.0f} ({m['teacher_only'] / 1e6:.0f})" if m else "—")
             lines.append(f"| {r['name']} | {r.get('student_blocks', '—')}/{r.get('teacher_blocks', '—')} | {loss} | "
-                         f"{(r.get('data') or {}).get('source', '—')} | {b.get('steps', '—')} × {b.get('batch_size', '—')}"
+                         f"{(r.get('data') or {}).get('source') or Path((r.get('data') or {}).get('name', '—')).name} | {b.get('steps', '—')} × {b.get('batch_size', '—')}"
                          f" × {b.get('seq_len', '—')} ({_fmt(b.get('train_seconds'), '.0f')}) | "
                          f"{_fmt(r.get('perplexity_before', dropped), '.1f')} → {_fmt(r.get('perplexity_after'), '.1f')} "
                          f"({_fmt(r.get('teacher_perplexity'), '.2f')}) | {speed} | {mem} |")
