@@ -474,6 +474,60 @@ def fuzz_readers_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def students_table(payload: dict) -> str:
+    rows = {r["name"]: r for r in payload["rows"]}
+    lines = ["Smaller students by layer dropping, distilled (`benchmarks/students.py` → "
+             "`benchmarks/results/students.json`). Training text: WikiText-2 validation (or text sampled from the "
+             "teacher, `data=teacher:N`); shared 2-core CPU, budgets per row.", ""]
+    decoders = [r for r in rows.values() if r.get("model") == "smollm2-135m"]
+    dropped = rows.get("smollm2-half-dropped", {}).get("perplexity")   # measured by --part decoder-before
+    speed_row = rows.get("smollm2-half-decode-speed")   # --part decode-speed (shapes only)
+    if decoders:
+        lines += ["| SmolLM2-135M student | blocks | loss | data | steps × batch × seq_len (s) | perplexity before "
+                  "→ after (teacher) | decode tok/s student / teacher (×) | training memory MB (teacher-only) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in decoders:
+            b, d, m = r.get("budget", {}), r.get("decode") or speed_row, r.get("memory_bytes") or {}
+            loss = " + ".join(f"{t['term']}" for t in r.get("loss_terms", []))
+            speed = (f"{d['student_tok_s']:.1f} / {d['teacher_tok_s']:.1f} ({d['speedup']:.2f}×)" if d else "—")
+            mem = (f"{m['total'] / 1e6:.0f} ({m['teacher_only'] / 1e6:.0f})" if m else "—")
+            lines.append(f"| {r['name']} | {r.get('student_blocks', '—')}/{r.get('teacher_blocks', '—')} | {loss} | "
+                         f"{(r.get('data') or {}).get('source') or Path((r.get('data') or {}).get('name', '—')).name} | {b.get('steps', '—')} × {b.get('batch_size', '—')}"
+                         f" × {b.get('seq_len', '—')} ({_fmt(b.get('train_seconds'), '.0f')}) | "
+                         f"{_fmt(r.get('perplexity_before', dropped), '.1f')} → {_fmt(r.get('perplexity_after'), '.1f')} "
+                         f"({_fmt(r.get('teacher_perplexity'), '.2f')}) | {speed} | {mem} |")
+        if speed_row and not any(r.get("decode") for r in decoders):
+            lines += ["", f"Decode speed from `--part decode-speed` ({speed_row['new_tokens']} new tokens, "
+                          f"{speed_row['repeats']} round-robin repeats, {speed_row['threads']} thread): "
+                          f"{speed_row['note']}."]
+        if r.get("status"):
+            lines += ["", f"{r['name']}: {r['status']}"]
+        lines.append("")
+    if not decoders and (dropped or speed_row):
+        speed = (f"decode {speed_row['student_tok_s']:.2f} vs {speed_row['teacher_tok_s']:.2f} tok/s "
+                 f"({speed_row['speedup']:.2f}×; {speed_row['note']})" if speed_row else "")
+        lines += [f"SmolLM2-135M with every other block (15 of 30), not yet distilled: WikiText-2 test perplexity "
+                  f"{_fmt(dropped, '.0f')}; {speed}.", ""]
+    encoders = [r for r in rows.values() if r.get("model") == "minilm-l6"]
+    if encoders:
+        lines += ["| MiniLM-L6 student | kept blocks | steps × batch × seq_len (s) | STS-B Spearman before → after "
+                  "(teacher) | of teacher | encode sentences/s student / teacher (×) | goal ≥ 97% at ≥ 1.8× |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in encoders:
+            b, t = r.get("budget", {}), r.get("throughput")
+            speed = (f"{t['student']['median']:.0f} / {t['teacher']['median']:.0f} ({t['ratio']:.2f}×)" if t else "—")
+            met = "—" if "goal" not in r else ("met" if r["goal"]["met"] else "not met")
+            lines.append(f"| {r['name']} | {r.get('layer_map', r.get('keep'))} | {b.get('steps', '—')} × "
+                         f"{b.get('batch_size', '—')} × {b.get('seq_len', '—')} ({_fmt(b.get('train_seconds'), '.0f')}) | "
+                         f"{_fmt(r.get('spearman_before'), '.4f')} → {_fmt(r.get('spearman_after'), '.4f')} "
+                         f"({_fmt(r.get('teacher_spearman'), '.4f')}) | {_percent(r.get('spearman_ratio'))} | "
+                         f"{speed} | {met} |")
+        for r in encoders:
+            if r.get("status"):
+                lines += ["", f"{r['name']}: {r['status']}"]
+    return "\n".join(lines).rstrip()
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "runtime_before_after.json": runtime_before_after_text,
@@ -483,7 +537,7 @@ TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval
           "oneshot_pruning_smollm2.json": oneshot_pruning_table, "sparse_matmul.json": sparse_matmul_table,
           "export_compressed_tensors.json": export_compressed_tensors_table,
           "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table,
-          "fuzz_readers.json": fuzz_readers_table}
+          "fuzz_readers.json": fuzz_readers_table, "students.json": students_table}
 
 
 def render() -> str:

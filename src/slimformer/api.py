@@ -389,7 +389,8 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
 
     Parameters:
         recipe: built-in recipe name or a YAML file with training stages
-        data: training DATA: pydoc (its calibration half), a text/JSONL file or directory
+        data: training DATA: pydoc (its calibration half), a text/JSONL file or directory, or
+            teacher:N (data-free: N sequences of seq_len tokens sampled from the teacher, cached)
         out: output directory (the trained model; checkpoints in OUT/checkpoint-N)
         steps: optimiser steps (default: the recipe's, else 100)
         batch_size: sequences per micro-batch (default: the recipe's, else 4)
@@ -410,6 +411,7 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
         list_checkpoints,
         run_fingerprint,
     )
+    from slimformer.train.teacher_data import TeacherTextSettings, parse_teacher_data, teacher_text
     from slimformer.util.atomic import publish_into
 
     recipe = _recipe(recipe, overrides)
@@ -428,28 +430,49 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     base, tokenizer, source = _model_and_tokenizer(model, source_name)
     if getattr(base, "slimformer_meta", None):
         raise TrainingError(f"{source} is a compressed model; train the original model")
-    _check_decoder(base, "training")
-    check_targets(recipe.stages, base, adapter_for(base))
+    adapter = adapter_for(base)
+    for term in config.loss_terms():
+        term.check(base)   # e.g. causal_lm on an encoder: refused before any work
+    check_targets(recipe.stages, base, adapter)
     target = copy.deepcopy(base) if isinstance(model, (tuple, list)) else base
     if teacher is not None:
         teacher = _model_and_tokenizer(teacher)[0].eval()
-    text = load_text(data, role="calib")
-    batches = TokenBatches(tokenize(text, tokenizer), config.batch_size, config.seq_len, config.seed)
+    sampled = parse_teacher_data(data)
+    if sampled is not None:
+        if not adapter.is_decoder:
+            raise DataError("data teacher:N samples text from a decoder; this model is an encoder")
+        settings = TeacherTextSettings(sampled, config.seq_len, seed=config.seed)
+        ids, data_meta = teacher_text(teacher if teacher is not None else target, tokenizer, settings, progress)
+        tokens = ids.flatten()
+        calib = lambda: ids[:128]  # noqa: E731
+    else:
+        text = load_text(data, role="calib")
+        tokens, data_meta = tokenize(text, tokenizer), text.describe()
+        calib = lambda: calibration_set(tokenizer, data, 128, config.seq_len, None)[0]  # noqa: E731
+    # An encoder reads windows as sentences: [CLS] text [SEP].
+    wrap = None if adapter.is_decoder else (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    if wrap is not None and None in wrap:
+        raise DataError("training an encoder needs a tokenizer with [CLS] and [SEP] tokens")
+    batches = TokenBatches(tokens, config.batch_size, config.seq_len, config.seed, wrap=wrap)
     if overwrite and not resume:
         for old in list_checkpoints(out):
             shutil.rmtree(old)
 
     training = TrainingRun(config, batches, teacher=teacher, checkpoint_dir=out, resume=resume,
                            fingerprint=run_fingerprint(target, recipe.text or recipe.name, source))
-    run = run_recipe(target, recipe.stages, train=training, progress=progress,
-                     calib=lambda: calibration_set(tokenizer, data, 128, config.seq_len, None)[0])
+    run = run_recipe(target, recipe.stages, train=training, progress=progress, calib=calib)
     result = run.training
-    sparsity = recipe_summary(target, recipe.stages).get("sparsity")
-    extra = {"training": {"config": dataclasses.asdict(config), "data": text.describe(),
+    summary = recipe_summary(target, recipe.stages)
+    sparsity = summary.get("sparsity")
+    extra = {"training": {"config": dataclasses.asdict(config), "data": data_meta,
+                          "loss_terms": [t.describe() for t in config.loss_terms()],
                           "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
+                          "epochs": result.epochs, "memory_bytes": result.memory, "warnings": result.warnings,
                           "final_loss": result.history[-1]["loss"] if result.history else None,
                           "history": result.history},
              "sparsity": sparsity}
+    if summary.get("layer_map") is not None:
+        extra["layer_map"] = summary["layer_map"]
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out))
     save_compressed(target, tokenizer, tmp, recipe_text=recipe.text or recipe.name, source=source,

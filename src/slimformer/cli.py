@@ -406,7 +406,9 @@ def _train(args, progress: bool) -> int:
     history = outcome.result.history
     loss = f", final loss {history[-1]['loss']:.3f}" if history else ""
     sparsity = f", sparsity {outcome.sparsity['sparsity']:.1%}" if outcome.sparsity else ""
-    print(f"wrote {outcome.out} ({outcome.result.steps} steps, {outcome.result.seconds:.1f} s{loss}{sparsity})")
+    memory = outcome.result.memory
+    memory = f", training memory {memory['total'] / 2**20:.0f} MiB" if memory else ""
+    print(f"wrote {outcome.out} ({outcome.result.steps} steps, {outcome.result.seconds:.1f} s{loss}{sparsity}{memory})")
     return 0
 
 

@@ -36,6 +36,7 @@ BUILTIN = (
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.techniques.sparsity.calibrated",
+    "slimformer.techniques.distill.layers",
     "slimformer.export.builtin",
     "slimformer.export.gguf",
     "slimformer.export.gptq",

@@ -22,6 +22,7 @@ stages before them run first, those after them on the trained model.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +37,8 @@ from slimformer.core.transform import BlockContext, Needs, Transform
 from slimformer.errors import DataError, QuantConfigError, RecipeError
 from slimformer.models.adapters import adapter_for
 from slimformer.nn.base import CompressedModule
-from slimformer.train.loop import TokenBatches, TrainConfig, Trainer, TrainResult
+from slimformer.errors import TrainingError
+from slimformer.train.loop import TokenBatches, TrainConfig, Trainer, TrainResult, frozen_parameters
 from slimformer.train.losses import LossTerm, needs_teacher, with_teacher
 
 
@@ -250,11 +252,15 @@ def run_recipe(
                           "(`slimformer train`)")
     adapter = adapter_for(model)
     terms: list[LossTerm] = []
+    shared: dict = {}   # tensors the teacher shares with the student, checked unchanged at the end
     if training:
         terms = list(train.config.loss_terms() if train.terms is None else train.terms)
         if needs_teacher(terms):
             # the model as it is now, before any stage, teaches
-            teacher = train.teacher if train.teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
+            if train.teacher is not None:
+                teacher = train.teacher
+            else:
+                teacher, shared = shared_teacher(model, stages, train.config.freeze)
             terms = with_teacher(terms, teacher)
     calib_ids = None
 
@@ -267,6 +273,7 @@ def run_recipe(
     result = RunResult(0.0)
     for trains, group in segments:
         if trains:
+            check_shared(shared)   # the one-shot stages before training left the teacher's tensors alone
             result.training = _train(model, adapter, group, train, terms, progress)
             continue
         needs_data = any(t.requires() is Needs.CALIBRATION for t in group)
@@ -275,11 +282,48 @@ def run_recipe(
         result.fallbacks.extend(run.fallbacks)
         for layer, facts in run.layers.items():
             result.layers.setdefault(layer, {}).update(facts)
+    check_shared(shared)
     for line in runtime_fallbacks(model):
         if line not in result.fallbacks:
             result.fallbacks.append(line)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+    return hashlib.sha1(data.tobytes()).hexdigest()
+
+
+def shared_teacher(model: nn.Module, stages: list[Transform], freeze) -> tuple[nn.Module, dict]:
+    """A frozen copy of ``model`` to teach it, sharing (not copying) every parameter that
+    training freezes (``freeze``, see ``TrainConfig``) and that no stage's targets select:
+    those the student neither trains nor changes, so the teacher costs memory only where
+    it differs. Returns the teacher and ``{name: (tensor, digest)}`` of what it shares,
+    for :func:`check_shared`."""
+    adapter = adapter_for(model)
+    targeted: set[int] = set()
+    for index, block in enumerate(adapter.get_blocks(model)):
+        for stage in stages:
+            for name in stage.targets.select(adapter.linears, index):
+                targeted.update(id(p) for p in block.get_submodule(name).parameters())
+    frozen = {id(p) for p in frozen_parameters(model, freeze)} - targeted
+    shared = {name: p for name, p in model.named_parameters() if id(p) in frozen}
+    memo = {id(p): p for p in shared.values()}
+    teacher = copy.deepcopy(model, memo).eval()
+    for p in teacher.parameters():
+        if id(p) not in memo:
+            p.requires_grad_(False)
+    return teacher, {name: (p, _digest(p)) for name, p in shared.items()}
+
+
+def check_shared(shared: dict) -> None:
+    """Fail if a stage changed a tensor the teacher shares with the student (the teacher
+    would then no longer be the model before the recipe)."""
+    for name, (tensor, digest) in shared.items():
+        if _digest(tensor) != digest:
+            raise TrainingError(f"{name}: a stage changed this tensor, which the teacher shares with the student "
+                                "because training freezes it; do not freeze it")
 
 
 def runtime_fallbacks(model: nn.Module) -> list[str]:

@@ -18,8 +18,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,11 +33,14 @@ from tqdm.auto import tqdm
 
 from slimformer.errors import RecipeError, TrainingError
 from slimformer.train.hooks import TrainHook
+from slimformer.models.adapters import adapter_for
 from slimformer.train.losses import (  # noqa: F401  (causal_lm_loss, distillation_loss: re-exported)
+    Captured,
     LossTerm,
     Regularizer,
     causal_lm_loss,
     distillation_loss,
+    forward_capture,
     needs_teacher,
     parse_terms,
     with_teacher,
@@ -65,6 +70,13 @@ class TrainConfig:
     save_every: int = 0              # 0: only the final model
     keep_checkpoints: int = 2
     seed: int = 0
+    # Parameters that do not train: keywords embeddings, lm_head, norms, or regular
+    # expressions matched against parameter names. The teacher shares them (no copy).
+    freeze: list = dataclasses.field(default_factory=list)
+    # More passes over the data than this is refused (too little data for the steps);
+    # more than one pass is a warning, recorded with the result. The default only
+    # catches a mistake (a short file): small-model runs legitimately repeat data ~10 times.
+    max_epochs: float = 100.0
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints")
@@ -82,6 +94,14 @@ class TrainConfig:
             raise RecipeError(f"train: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.distill_weight <= 1:
             raise RecipeError(f"train: distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if isinstance(self.freeze, str):
+            self.freeze = [self.freeze]
+        if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(f, str) for f in self.freeze):
+            raise RecipeError(f"train: freeze must be a list of names (embeddings, lm_head, norms) or patterns, "
+                              f"got {self.freeze!r}")
+        self.freeze = list(self.freeze)
+        if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, (int, float)) or not self.max_epochs > 0:
+            raise RecipeError(f"train: max_epochs must be a positive number, got {self.max_epochs!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise RecipeError(f"train: schedule must be constant, linear or cosine, got {self.schedule!r}")
         self.loss_terms()   # validates ``loss``
@@ -99,7 +119,8 @@ class TrainConfig:
         if unknown:
             raise RecipeError(f"train: unknown key '{sorted(unknown)[0]}' (accepted: {', '.join(sorted(names))})")
         mapping.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm", "distill_temperature", "distill_weight"):
+        for key in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm", "distill_temperature", "distill_weight",
+                    "max_epochs"):
             value = mapping.get(key)
             if isinstance(value, str):   # PyYAML reads 1e-4 (no dot) as a string
                 try:
@@ -130,9 +151,19 @@ class TokenBatches:
     The windows are shuffled once per epoch with a generator seeded by (seed, epoch), so
     the batch of any step is a pure function of the step: resuming needs no data state."""
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0,
+                 wrap: tuple[int, int] | None = None):
+        """``wrap``: ``(first, last)`` token ids put around every window (an encoder's
+        [CLS] and [SEP]), the window then holding ``seq_len - 2`` text tokens."""
         tokens = tokens.flatten()
-        self.windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
+        inner = seq_len - 2 if wrap is not None else seq_len
+        if inner < 1:
+            raise TrainingError(f"seq_len {seq_len} leaves no room for text between {wrap}")
+        self.windows = tokens[: tokens.numel() // inner * inner].view(-1, inner)
+        if wrap is not None:
+            n = self.windows.shape[0]
+            self.windows = torch.cat([torch.full((n, 1), wrap[0], dtype=tokens.dtype), self.windows,
+                                      torch.full((n, 1), wrap[1], dtype=tokens.dtype)], dim=1)
         if self.windows.shape[0] < batch_size:
             raise TrainingError(
                 f"training data has {tokens.numel()} tokens: {self.windows.shape[0]} windows of {seq_len}, "
@@ -161,6 +192,70 @@ class TrainResult:
     seconds: float
     history: list[dict]          # one entry per step: step, loss, lr, and the hooks' metrics
     resumed_from: int | None = None
+    memory: dict | None = None   # bytes: student, teacher (only what it does not share), gradients, optimiser
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    epochs: float | None = None  # passes over the training data
+
+
+FREEZE_KEYWORDS = ("embeddings", "lm_head", "norms")
+
+
+def frozen_parameters(model: nn.Module, patterns) -> list[nn.Parameter]:
+    """The parameters ``patterns`` name (see ``TrainConfig.freeze``), each once."""
+    adapter = adapter_for(model)
+    found: dict[int, nn.Parameter] = {}
+    for pattern in patterns:
+        matched = []
+        if pattern in FREEZE_KEYWORDS:
+            if pattern == "norms":
+                modules = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+            else:
+                path = adapter.embed_tokens if pattern == "embeddings" else adapter.lm_head
+                if pattern == "embeddings" and path is None and hasattr(model, "embeddings"):
+                    path = "embeddings"   # BERT: word, position and type embeddings
+                if path is None:
+                    raise RecipeError(f"train: freeze {pattern}: a {adapter.family} model has none")
+                modules = [model.get_submodule(path)]
+            matched = [p for m in modules for p in m.parameters()]
+        else:
+            try:
+                regex = re.compile(pattern)
+            except re.error as exc:
+                raise RecipeError(f"train: freeze: invalid pattern {pattern!r}: {exc}") from None
+            matched = [p for name, p in model.named_parameters(remove_duplicate=False) if regex.fullmatch(name)]
+        if not matched:
+            raise RecipeError(f"train: freeze {pattern!r} matches no parameter of this model")
+        found.update((id(p), p) for p in matched)
+    return list(found.values())
+
+
+def _storages(tensors) -> dict[int, int]:
+    """data pointer → bytes of each distinct storage among ``tensors``."""
+    out = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            storage = t.untyped_storage()
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+def training_memory(model: nn.Module, teachers, optimizer, params) -> dict:
+    """Bytes held for training, counted by distinct storage: the student's parameters and
+    buffers, what the teachers hold that the student does not (shared tensors count
+    once), a gradient per trained parameter, and the optimiser state."""
+    student = _storages([*model.parameters(), *model.buffers()])
+    teacher_all: dict[int, int] = {}
+    for teacher in teachers:
+        teacher_all.update(_storages([*teacher.parameters(), *teacher.buffers()]))
+    teacher_only = {k: v for k, v in teacher_all.items() if k not in student}
+    optim = _storages([v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)])
+    grads = sum(p.numel() * p.element_size() for p in params)
+    memory = {"student": sum(student.values()), "teacher_total": sum(teacher_all.values()),
+              "teacher_only": sum(teacher_only.values()),
+              "shared_with_teacher": sum(v for k, v in teacher_all.items() if k in student),
+              "gradients": grads, "optimizer": sum(optim.values())}
+    memory["total"] = memory["student"] + memory["teacher_only"] + grads + memory["optimizer"]
+    return memory
 
 
 class Trainer:
@@ -176,6 +271,20 @@ class Trainer:
         terms = with_teacher(config.loss_terms() if terms is None else list(terms), teacher)
         if needs_teacher(terms):
             raise TrainingError("the distillation loss needs a teacher model")
+        for term in terms:
+            term.check(model)
+        self.warnings: list[str] = []
+        per_epoch = getattr(batches, "per_epoch", None)   # micro-batches in one pass over the data
+        self.epochs = None if per_epoch is None else config.steps * config.grad_accum / per_epoch
+        if self.epochs is not None and self.epochs > config.max_epochs:
+            raise TrainingError(f"too little training data for {config.steps} steps: {config.steps * config.grad_accum} "
+                                f"micro-batches of {config.batch_size} would pass over its {per_epoch} batches "
+                                f"{self.epochs:.1f} times (max_epochs {config.max_epochs:g}); "
+                                "give more data or fewer steps")
+        if self.epochs is not None and self.epochs > 1:
+            self.warn(f"the run repeats the training data: {self.epochs:.2f} epochs of {per_epoch} batches")
+        for param in frozen_parameters(model, config.freeze):
+            param.requires_grad_(False)
         self.model, self.config, self.batches = model, config, batches
         self.hooks, self.teacher = list(hooks), teacher
         self.terms = terms + [Regularizer(fn=hook.regularizer) for hook in self.hooks
@@ -184,6 +293,19 @@ class Trainer:
         self.fingerprint = fingerprint or {}
         self.progress = progress
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        # What each forward must capture: the student once for every term, each teacher
+        # once for all the terms that use it.
+        self.capture = {"blocks": any(t.needs_blocks for t in self.terms),
+                        "attention": any(t.needs_attention for t in self.terms)}
+        self.teachers: dict[int, tuple[nn.Module, dict]] = {}
+        for term in self.terms:
+            if term.uses_teacher:
+                _, wants = self.teachers.setdefault(id(term.teacher), (term.teacher, {"blocks": False, "attention": False}))
+                wants["blocks"] |= term.needs_blocks
+                wants["attention"] |= term.needs_attention
+        self.student: Captured | None = None
+        self._teacher_out: dict[int, Captured] = {}
+        self.teacher_forwards = 0
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.schedule_step = 0
@@ -195,21 +317,50 @@ class Trainer:
     def current_lr(self) -> float:
         return self.constant_lr if self.constant_lr is not None else self.config.lr_at(self.schedule_step)
 
+    def warn(self, message: str) -> None:
+        """A warning the user sees and the training record keeps."""
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        self.warnings.append(message)
+
+    def teacher_forward(self, teacher: nn.Module, ids: torch.Tensor) -> Captured:
+        """``teacher`` on the current micro-batch, without gradients, run once however many
+        terms ask (cached until the next micro-batch)."""
+        key = id(teacher)
+        if key not in self._teacher_out:
+            wants = self.teachers.get(key, (teacher, {}))[1]
+            teacher.eval()
+            with torch.no_grad():
+                self._teacher_out[key] = forward_capture(teacher, ids, **wants)
+            self.teacher_forwards += 1
+        return self._teacher_out[key]
+
     def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
-        """The weighted sum of the loss terms on one micro-batch (logits computed once)."""
-        logits = self.model(input_ids=ids, use_cache=False).logits
+        """The weighted sum of the loss terms on one micro-batch (the student's and each
+        teacher's forward computed once)."""
+        self._teacher_out = {}
+        self.student = forward_capture(self.model, ids, **self.capture)
+        logits = self.student.logits
         loss = None
-        for term in self.terms:
-            if term.weight == 0:
-                continue
-            value = term(self, ids, logits)
-            if value is None:
-                continue
-            value = value if term.weight == 1 else term.weight * value
-            loss = value if loss is None else loss + value
+        try:
+            for term in self.terms:
+                if term.weight == 0:
+                    continue
+                value = term(self, ids, logits)
+                if value is None:
+                    continue
+                value = value if term.weight == 1 else term.weight * value
+                loss = value if loss is None else loss + value
+        finally:
+            self._teacher_out = {}
+            self.student = None
         if loss is None:
             raise TrainingError("the loss has no terms")
         return loss
+
+    def memory(self) -> dict:
+        """Training memory in bytes (see :func:`training_memory`)."""
+        return training_memory(self.model, [t for t, _ in self.teachers.values()], self.optimizer,
+                               self.params.values())
 
     def train_step(self) -> dict:
         cfg = self.config
@@ -260,10 +411,12 @@ class Trainer:
                 if cfg.save_every and self.checkpoint_dir is not None and self.step % cfg.save_every == 0 \
                         and self.step < cfg.steps:
                     self.save_checkpoint()
+        memory = self.memory()   # before on_end: the optimiser state is what training held
         for hook in self.hooks:
             hook.on_end(self)
         self.model.eval()
-        return TrainResult(self.step, time.perf_counter() - start, self.history, resumed_from)
+        return TrainResult(self.step, time.perf_counter() - start, self.history, resumed_from,
+                           memory=memory, warnings=list(self.warnings), epochs=self.epochs)
 
     # -- checkpoints ------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Smaller students for distillation (layer dropping); the distillation losses live in ``train/losses.py``."""
