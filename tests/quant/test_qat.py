@@ -299,3 +299,14 @@ def test_train_cli_qat_saves_loads_and_resumes(capsys, tmp_path, tiny_dir):
     lines = err.strip().splitlines()
     assert code not in (0, None) and len(lines) == 1, err
     assert "model.layers.0.self_attn.q_proj: group_size 48 does not divide" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["qat-w4-g32", "gptq-qat-w4-g32"])
+def test_builtin_recipe_trains_end_to_end(capsys, tmp_path, tiny_dir, name):
+    out = tmp_path / name
+    code, _stdout, err = _train_cli(capsys, tiny_dir, "--recipe", name, "--data", "pydoc", "--steps", 2,
+                                    "--batch-size", 2, "--seq-len", 32, "--out", out)
+    assert code == 0, err
+    model, _ = slimformer.load(out)
+    assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
+    assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
