@@ -310,3 +310,18 @@ def test_builtin_recipe_trains_end_to_end(capsys, tmp_path, tiny_dir, name):
     model, _ = slimformer.load(out)
     assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
     assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_other_families_convert_exactly(tokens, family):
+    """GPT-2's Conv1D (``[in, out]`` weights) and OPT's biased projections."""
+    model, _run, fake = _train_qat(tokens, QAT(bits=4, group_size=32), steps=2, model=tiny_model(family),
+                                   keep_fake=True)
+    ids = tokens[:64].view(2, 32)
+    deployed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(deployed) == len(fake["layers"]) > 0
+    with torch.no_grad():
+        want = fake["model"](input_ids=ids).logits
+        for m in deployed:
+            m.forward = m.forward_reference
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
