@@ -54,7 +54,7 @@ class QAT(QuantFormat, Transform):
     group_size: int | None = 32
     act_granularity: ActGranularity = "token"
     learn_scales: bool = True
-    scale_lr_ratio: float = 100.0
+    scale_lr_ratio: float = 20.0
     learn_act_clip: bool = True
     freeze_embeddings: bool = True
 
@@ -150,9 +150,6 @@ class QATHook(TrainHook):
 
     def after_step(self, trainer, step: int) -> None:
         self._check(step + 1, gradients=False)
-
-    def metrics(self) -> dict:
-        return {}
 
     def on_end(self, trainer) -> None:
         for name, module in self.layers.items():
