@@ -439,7 +439,7 @@ def qat_table(payload: dict) -> str:
         "machine. Training on wiki.valid.tokens (never the test split); the budget per row as stated. "
         "R = (ppl_PTQ − ppl_QAT) / (ppl_PTQ − ppl_fp32): the fraction of the PTQ loss recovered.",
         "",
-        "| row | start | loss | steps × batch × seq | train s | perplexity | R vs RTN | R vs GPTQ |",
+        "| row | start | loss | steps × batch × seq | train (compress) s | perplexity | R vs RTN | R vs GPTQ |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for suffix in sorted({n[len("fp32"):] for n in rows if n.startswith("fp32")} or {""}):
@@ -454,9 +454,9 @@ def qat_table(payload: dict) -> str:
                 continue
             t = r.get("train")
             budget = f"{t['steps']} × {t['batch_size']} × {t['seq_len']}" if t else ""
-            seconds = f"{t['wall_seconds']:.0f}" if t else (f"{r['compress_seconds']:.0f}" if r.get("compress_seconds") else "")
+            seconds = f"{t['wall_seconds']:.0f}" if t else (f"({r['compress_seconds']:.0f})" if r.get("compress_seconds") else "")
             lines.append(f"| {r['name']} | {r.get('init', '')} | {r.get('loss', '')} | {budget} | {seconds} | "
-                         f"{r['perplexity']:.2f} | {_fmt(recovered(rtn, r['perplexity']) if t else None, '.2f')} | "
+                         f"{r['perplexity']:.2f} | {_fmt(recovered(rtn, r['perplexity']) if key not in ('fp32', 'rtn') else None, '.2f')} | "
                          f"{_fmt(recovered(gptq, r['perplexity']) if t else None, '.2f')} |")
     exact = [r for r in rows.values() if r.get("exactness")]
     for r in exact:
