@@ -528,6 +528,46 @@ def students_table(payload: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def qat_table(payload: dict) -> str:
+    rows = {r["name"]: r for r in payload["rows"]}
+    first = next(iter(rows.values()))
+    lines = [
+        "QAT on SmolLM2-135M (`benchmarks/qat.py` → `benchmarks/results/qat_smollm2.json`): WikiText-2 test perplexity, "
+        f"{first['windows']} × 512 tokens; {first['embedding']}; {first['threads']} torch thread(s) on the shared 2-core "
+        "machine. Training on wiki.valid.tokens (never the test split); the budget per row as stated. "
+        "R = (ppl_PTQ − ppl_QAT) / (ppl_PTQ − ppl_fp32): the fraction of the PTQ loss recovered.",
+        "",
+        "| row | start | loss | steps × batch × seq | train (compress) s | perplexity | R vs RTN | R vs GPTQ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for suffix in sorted({n[len("fp32"):] for n in rows if n.startswith("fp32")} or {""}):
+        fp, rtn, gptq = (rows.get(k + suffix, {}).get("perplexity") for k in ("fp32", "rtn", "gptq"))
+
+        def recovered(ptq, ppl):
+            return None if None in (ptq, ppl, fp) or ptq == fp else (ptq - ppl) / (ptq - fp)
+
+        for key in ("fp32", "rtn", "gptq", "qat", "qat-distill", "gptq-qat-distill"):
+            r = rows.get(key + suffix)
+            if r is None:
+                continue
+            t = r.get("train")
+            budget = f"{t['steps']} × {t['batch_size']} × {t['seq_len']}" if t else ""
+            seconds = f"{t['wall_seconds']:.0f}" if t else (f"({r['compress_seconds']:.0f})" if r.get("compress_seconds") else "")
+            lines.append(f"| {r['name']} | {r.get('init', '')} | {r.get('loss', '')} | {budget} | {seconds} | "
+                         f"{r['perplexity']:.2f} | {_fmt(recovered(rtn, r['perplexity']) if key not in ('fp32', 'rtn') else None, '.2f')} | "
+                         f"{_fmt(recovered(gptq, r['perplexity']) if t else None, '.2f')} |")
+    exact = [r for r in rows.values() if r.get("exactness")]
+    for r in exact:
+        e = r["exactness"]
+        lines += ["", f"Exactness ({r['name']}): fake-quant model vs the deployed QuantLinear model on "
+                  f"{e['kernel']['positions']} positions — int4 kernels: max |Δlogit| {e['kernel']['max_abs_logit_diff']:.2e}, "
+                  f"argmax agreement {e['kernel']['argmax_agreement']:.2%}; forward_reference: max |Δlogit| "
+                  f"{e['reference']['max_abs_logit_diff']:.2e}, argmax agreement {e['reference']['argmax_agreement']:.2%}."]
+    if payload.get("notes"):
+        lines += ["", payload["notes"]]
+    return "\n".join(lines)
+
+
 TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval_crosscheck.json": lmeval_table,
           "kernels.json": kernels_table, "runtime.json": runtime_table,
           "runtime_before_after.json": runtime_before_after_text,
@@ -537,7 +577,7 @@ TABLES = {"rtn_smollm2.json": rtn_table, "study_w8a8.json": study_table, "lmeval
           "oneshot_pruning_smollm2.json": oneshot_pruning_table, "sparse_matmul.json": sparse_matmul_table,
           "export_compressed_tensors.json": export_compressed_tensors_table,
           "embedding_head.json": embedding_head_table, "gguf_export.json": gguf_export_table,
-          "fuzz_readers.json": fuzz_readers_table, "students.json": students_table}
+          "fuzz_readers.json": fuzz_readers_table, "students.json": students_table, "qat_smollm2.json": qat_table}
 
 
 def render() -> str:

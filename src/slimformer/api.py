@@ -421,7 +421,7 @@ def train(model, recipe, data: str, out, *, steps: int | None = None, batch_size
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(f"output directory {out} exists; pass --resume to continue it or --overwrite to replace it")
     if not any(stage.requires() is Needs.TRAINING for stage in recipe.stages):
-        raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. FineTune, MaskedFineTune, GMP, STE, TopKAST)")
+        raise TrainingError(f"recipe {recipe.name} has no training stage (e.g. QAT, FineTune, MaskedFineTune, GMP, STE, TopKAST)")
     try:
         recipe_segments(recipe.stages)
     except RecipeError as exc:

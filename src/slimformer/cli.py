@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p, budget_alias=True)
 
     f = api.train
-    p = sub.add_parser("train", help="fine-tune with a training recipe (GMP, STE, Top-KAST, rewinding, ...)")
+    p = sub.add_parser("train", help="fine-tune with a training recipe (QAT, GMP, STE, Top-KAST, rewinding, ...)")
     model_arg(p)
     p.add_argument("--recipe", required=True, help=_api_help(f, "recipe"))
     p.add_argument("--data", required=True, help=_api_help(f, "data"))

@@ -33,6 +33,7 @@ BUILTIN = (
     "slimformer.techniques.quant.smoothquant",
     "slimformer.techniques.quant.mixed_precision",
     "slimformer.techniques.quant.embedding",
+    "slimformer.techniques.quant.qat",
     "slimformer.techniques.sparsity.oneshot",
     "slimformer.techniques.sparsity.training",
     "slimformer.techniques.sparsity.calibrated",

@@ -61,6 +61,39 @@ def storable_scale(scale: torch.Tensor) -> torch.Tensor:
     return _round_up_to_float16(scale.clamp_min(_MIN_STORED_SCALE))
 
 
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward (bit for bit), identity gradient (straight-through)."""
+    return torch.round(x).detach() + (x - x.detach())
+
+
+def ste_value(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward (bit for bit), the gradient of ``x`` (straight-through):
+    e.g. a learned scale used at its stored float16 value."""
+    return value.detach() + (x - x.detach())
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward (bit for bit), gradient multiplied by ``factor`` (LSQ)."""
+    y = x * factor
+    return x.detach() + (y - y.detach())
+
+
+def quantize_grouped(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec,
+                     rounding=torch.round) -> torch.Tensor:
+    """The integer grid values ``clamp(round(w / scale) + zero)`` of a grouped weight
+    ``[rows, groups, group]`` (float tensor holding integers; signed for symmetric formats)
+    against a given (already storable) scale and integer zero-point ``[rows, groups]``.
+    ``rounding=ste_round`` gives the same values with straight-through gradients (QAT)."""
+    q = rounding(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp(spec.qmin, spec.qmax)
+
+
+def codes_from_grid(q: torch.Tensor, spec: WeightSpec, shape: torch.Size) -> torch.Tensor:
+    """Grid values → stored uint8 codes ``[out, in]`` (symmetric codes offset by ``2^(bits-1)``)."""
+    offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+    return (q.detach() + offset).to(torch.uint8).reshape(shape)
+
+
 def quantize_weight(
     weight: torch.Tensor, spec: WeightSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,10 +104,7 @@ def quantize_weight(
     grouped = group_view(w, spec)
     scale, zero = choose_qparams(grouped, spec.bits, spec.symmetric)
     scale = storable_scale(scale)
-    q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-    q = q.clamp(spec.qmin, spec.qmax) if spec.symmetric else q.clamp(0, spec.qmax)
-    offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
-    codes = (q + offset).to(torch.uint8).reshape(weight.shape)
+    codes = codes_from_grid(quantize_grouped(grouped, scale, zero, spec), spec, weight.shape)
     return codes, scale, zero
 
 
@@ -111,16 +141,18 @@ def activation_scale(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torc
 
 def fake_quantize_activation(
     x: torch.Tensor, spec: ActSpec, static_scale: torch.Tensor | None = None,
-    static_zero: torch.Tensor | None = None,
+    static_zero: torch.Tensor | None = None, rounding=torch.round,
 ) -> torch.Tensor:
-    """Quantise-dequantise activations; static parameters when given, else dynamic."""
+    """Quantise-dequantise activations; static parameters when given, else dynamic.
+    ``rounding=ste_round`` (QAT): the same values, straight-through gradients to ``x`` inside
+    the clipping range and LSQ gradients to a learned ``static_scale``."""
     if static_scale is not None:
         scale = static_scale
         zero = static_zero if static_zero is not None else torch.zeros_like(static_scale)
     else:
         scale, zero = activation_scale(x, spec)
     lo, hi = (spec.qmin, spec.qmax)
-    q = (torch.round(x.float() / scale) + zero).clamp(lo, hi)
+    q = (rounding(x.float() / scale) + zero).clamp(lo, hi)
     return ((q - zero) * scale).to(x.dtype)
 
 
