@@ -471,6 +471,8 @@ def fuzz_readers_table(payload: dict) -> str:
         lines.append(f"| {name} | {r['cases']:,} | {r['ok']:,} | {r['refused']:,} | {r['findings']} | "
                      f"{r['max_input_bytes']:,} | {r['max_peak_bytes']:,} | {r['max_peak_over_input']:.1f} | "
                      f"{r.get('max_rss_growth_bytes', 0):,} | {1000 * r['mean_seconds']:.1f} |")
+    if payload.get("notes"):
+        lines += ["", " ".join(payload["notes"])]
     return "\n".join(lines)
 
 
